@@ -1,0 +1,8 @@
+//! sdkit: a folder of photos to a trained Stable Diffusion adapter.
+//!
+//! The modules follow the data: `dataset` (scan, decode, resize, bucket, layout,
+//! captions) feeds the later stages. `cli` is a thin layer over the library.
+
+pub mod cli;
+pub mod dataset;
+pub mod util;

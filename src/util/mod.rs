@@ -1,0 +1,7 @@
+//! Small shared helpers: atomic writes, progress reporting, memory budget.
+
+pub mod atomic;
+pub mod budget;
+pub mod progress;
+
+pub use atomic::{write_atomic, write_atomic_with};
