@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "sdkit", version, about = "A folder of photos to a trained Stable Diffusion adapter, in one binary.")]
+#[command(
+    name = "sdkit",
+    version,
+    about = "A folder of photos to a trained Stable Diffusion adapter, in one binary."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -16,7 +16,13 @@ pub struct BucketSpec {
 
 impl Default for BucketSpec {
     fn default() -> Self {
-        BucketSpec { resolution: (512, 512), min_bucket: 256, max_bucket: 1024, step: 64, no_upscale: false }
+        BucketSpec {
+            resolution: (512, 512),
+            min_bucket: 256,
+            max_bucket: 1024,
+            step: 64,
+            no_upscale: false,
+        }
     }
 }
 
@@ -90,8 +96,15 @@ impl BucketSpec {
                 best
             };
             let bar = bucket.0 as f64 / bucket.1 as f64;
-            let scale = if ar > bar { bucket.1 as f64 / h as f64 } else { bucket.0 as f64 / w as f64 };
-            let resized = (round_half_up(w as f64 * scale), round_half_up(h as f64 * scale));
+            let scale = if ar > bar {
+                bucket.1 as f64 / h as f64
+            } else {
+                bucket.0 as f64 / w as f64
+            };
+            let resized = (
+                round_half_up(w as f64 * scale),
+                round_half_up(h as f64 * scale),
+            );
             return Some(BucketChoice { bucket, resized });
         }
         let round_to_steps = |x: f64| {
@@ -136,9 +149,23 @@ mod tests {
     fn default_512_has_kohya_17_buckets() {
         let b = BucketSpec::default().buckets();
         let expect = [
-            (256, 1024), (320, 768), (384, 640), (448, 576), (512, 512), (576, 448), (640, 384),
-            (704, 320), (768, 320), (832, 256), (896, 256), (960, 256), (1024, 256),
-            (256, 832), (256, 896), (256, 960), (320, 704),
+            (256, 1024),
+            (320, 768),
+            (384, 640),
+            (448, 576),
+            (512, 512),
+            (576, 448),
+            (640, 384),
+            (704, 320),
+            (768, 320),
+            (832, 256),
+            (896, 256),
+            (960, 256),
+            (1024, 256),
+            (256, 832),
+            (256, 896),
+            (256, 960),
+            (320, 704),
         ];
         assert_eq!(b.len(), 17, "{b:?}");
         for e in expect {

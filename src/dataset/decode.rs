@@ -68,7 +68,9 @@ impl std::str::FromStr for Rgb8 {
             let p: Vec<u8> = parts.into_iter().map(|p| p.unwrap_or(0)).collect();
             return Ok(Rgb8([p[0], p[1], p[2]]));
         }
-        Err(format!("'{s}' is not a colour: use white, black, grey, #rrggbb or r,g,b"))
+        Err(format!(
+            "'{s}' is not a colour: use white, black, grey, #rrggbb or r,g,b"
+        ))
     }
 }
 
@@ -119,12 +121,18 @@ pub fn decode_bytes(bytes: &[u8], background: Rgb8) -> Result<Decoded, DecodeErr
     if w as u64 * h as u64 > MAX_PIXELS {
         return Err(DecodeError::TooLarge { w, h });
     }
-    let orientation = dec.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let orientation = dec
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(dec).map_err(classify)?;
     img.apply_orientation(orientation);
     let had_alpha = img.color().has_alpha();
     let image = to_rgb8(img, background);
-    Ok(Decoded { image, orientation: orientation.to_exif(), had_alpha })
+    Ok(Decoded {
+        image,
+        orientation: orientation.to_exif(),
+        had_alpha,
+    })
 }
 
 fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, DecodeError> {
@@ -226,7 +234,10 @@ mod tests {
 
     #[test]
     fn empty_and_garbage_are_errors() {
-        assert!(matches!(decode_bytes(&[], Rgb8::WHITE), Err(DecodeError::Empty)));
+        assert!(matches!(
+            decode_bytes(&[], Rgb8::WHITE),
+            Err(DecodeError::Empty)
+        ));
         assert!(matches!(
             decode_bytes(b"hello world, not an image", Rgb8::WHITE),
             Err(DecodeError::UnknownFormat)

@@ -6,7 +6,17 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::RgbImage;
 
 /// Resampling filter names, as users know them from PIL and webui.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Filter {
     #[default]
@@ -46,12 +56,23 @@ pub struct Rect {
 
 impl Rect {
     pub fn full(w: u32, h: u32) -> Rect {
-        Rect { x: 0.0, y: 0.0, w: w as f64, h: h as f64 }
+        Rect {
+            x: 0.0,
+            y: 0.0,
+            w: w as f64,
+            h: h as f64,
+        }
     }
 }
 
 /// Scales the `crop` region of `src` to `out_w` x `out_h`.
-pub fn resize_region(src: &RgbImage, crop: Rect, out_w: u32, out_h: u32, filter: Filter) -> RgbImage {
+pub fn resize_region(
+    src: &RgbImage,
+    crop: Rect,
+    out_w: u32,
+    out_h: u32,
+    filter: Filter,
+) -> RgbImage {
     let full = Rect::full(src.width(), src.height());
     if crop == full && (out_w, out_h) == src.dimensions() {
         return src.clone();
@@ -59,7 +80,9 @@ pub fn resize_region(src: &RgbImage, crop: Rect, out_w: u32, out_h: u32, filter:
     let view = ImageRef::new(src.width(), src.height(), src.as_raw(), PixelType::U8x3)
         .expect("RgbImage buffer matches its size");
     let mut dst = Image::new(out_w, out_h, PixelType::U8x3);
-    let opts = ResizeOptions::new().resize_alg(filter.alg()).crop(crop.x, crop.y, crop.w, crop.h);
+    let opts = ResizeOptions::new()
+        .resize_alg(filter.alg())
+        .crop(crop.x, crop.y, crop.w, crop.h);
     Resizer::new()
         .resize(&view, &mut dst, &opts)
         .expect("source and destination have the same pixel type");
@@ -73,8 +96,25 @@ mod tests {
     #[test]
     fn crop_then_scale_keeps_colours_of_region() {
         // Left half red, right half blue; cropping the right half gives blue only.
-        let src = RgbImage::from_fn(200, 100, |x, _| if x < 100 { [255, 0, 0].into() } else { [0, 0, 255].into() });
-        let out = resize_region(&src, Rect { x: 110.0, y: 0.0, w: 80.0, h: 100.0 }, 64, 64, Filter::Lanczos3);
+        let src = RgbImage::from_fn(200, 100, |x, _| {
+            if x < 100 {
+                [255, 0, 0].into()
+            } else {
+                [0, 0, 255].into()
+            }
+        });
+        let out = resize_region(
+            &src,
+            Rect {
+                x: 110.0,
+                y: 0.0,
+                w: 80.0,
+                h: 100.0,
+            },
+            64,
+            64,
+            Filter::Lanczos3,
+        );
         assert_eq!(out.dimensions(), (64, 64));
         assert!(out.pixels().all(|p| p.0 == [0, 0, 255]));
     }

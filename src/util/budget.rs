@@ -17,7 +17,11 @@ pub struct Permit<'a> {
 
 impl Budget {
     pub fn new(capacity: u64) -> Self {
-        Budget { capacity: capacity.max(1), used: Mutex::new(0), freed: Condvar::new() }
+        Budget {
+            capacity: capacity.max(1),
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        }
     }
 
     /// Blocks until `amount` bytes fit. A job larger than the whole budget waits until
@@ -29,7 +33,10 @@ impl Budget {
             used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
         }
         *used += amount;
-        Permit { budget: self, amount }
+        Permit {
+            budget: self,
+            amount,
+        }
     }
 }
 
