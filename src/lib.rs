@@ -3,6 +3,7 @@
 //! The modules follow the data: `dataset` (scan, decode, resize, bucket, layout,
 //! captions) feeds the later stages. `cli` is a thin layer over the library.
 
+pub mod caption;
 pub mod cli;
 pub mod dataset;
 pub mod util;

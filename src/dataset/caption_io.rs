@@ -100,6 +100,11 @@ pub fn join_tags(tags: &[String]) -> String {
 
 /// Reads a caption file; `Ok(None)` when it does not exist.
 pub fn read_caption(path: &Path) -> Result<Option<Caption>, CaptionError> {
+    Ok(read_caption_text(path)?.map(|s| Caption::parse(&s)))
+}
+
+/// Reads a caption file's exact text (BOM included); `Ok(None)` when it does not exist.
+pub fn read_caption_text(path: &Path) -> Result<Option<String>, CaptionError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -111,7 +116,7 @@ pub fn read_caption(path: &Path) -> Result<Option<Caption>, CaptionError> {
         }
     };
     match String::from_utf8(bytes) {
-        Ok(s) => Ok(Some(Caption::parse(&s))),
+        Ok(s) => Ok(Some(s)),
         Err(e) => Err(CaptionError::InvalidUtf8 {
             path: path.into(),
             offset: e.utf8_error().valid_up_to(),
