@@ -6,4 +6,5 @@
 pub mod caption;
 pub mod cli;
 pub mod dataset;
+pub mod review;
 pub mod util;
