@@ -151,13 +151,13 @@ pub fn render(s: &Stats, top: usize) -> String {
     }
     list(&mut o, &s.tags);
     for (what, v) in [
-        ("without caption", &s.missing),
-        ("empty caption", &s.empty),
-        ("invalid caption", &s.invalid),
-        ("sharing a caption file", &s.shared_caption),
+        ("without a caption file", &s.missing),
+        ("with an empty caption", &s.empty),
+        ("with an unreadable caption", &s.invalid),
+        ("sharing another image's caption file", &s.shared_caption),
     ] {
         if !v.is_empty() {
-            let _ = writeln!(o, "\n{} images {what}:", v.len());
+            let _ = writeln!(o, "\n{} image(s) {what}:", v.len());
             for p in v.iter().take(top) {
                 let _ = writeln!(o, "  {p}");
             }
