@@ -91,13 +91,12 @@ pub fn run(a: ReviewArgs) -> anyhow::Result<i32> {
     let start = state::start_position(&items, remembered.as_ref());
     let mut session = Session::new(items, start);
     let vocab = vocabulary(&ds);
-    let end = ui::run(
-        &term,
-        &ds.root,
-        &mut session,
-        &vocab,
-        preview::resolve(a.preview),
-    )?;
+    let note = match errors.len() {
+        0 => String::new(),
+        n => format!("{n} unreadable caption(s) left out and untouched; listed on exit"),
+    };
+    let protocol = preview::resolve(a.preview);
+    let end = ui::run(&term, &ds.root, &mut session, &vocab, protocol, &note)?;
     term.show_cursor()?;
     let how = match end {
         ui::End::Finished => "reached the last image",
@@ -110,5 +109,8 @@ pub fn run(a: ReviewArgs) -> anyhow::Result<i32> {
         session.position() + 1,
         session.len()
     );
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
     Ok(i32::from(!errors.is_empty()))
 }

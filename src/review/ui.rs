@@ -11,10 +11,11 @@ use dialoguer::{Completion, Editor, Input, MultiSelect, Sort};
 
 use super::preview::{self, Protocol};
 use super::state::{Nav, Session, complete, save_position};
+use crate::caption::select::relative;
 use crate::dataset::caption_io::{join_tags, write_caption};
 
-const HELP: &str = "[enter] save+next  [b] back  [s] skip  [r] remove  [a] add  [o] reorder  \
-[e] edit  [E] $EDITOR  [j] jump  [u] undo changes  [q] quit";
+const HELP: &str = "enter save+next, b back, s skip, r remove, a add, o reorder, e edit, \
+E $EDITOR, j jump, u undo changes, q quit";
 
 struct Vocab<'a>(&'a [String]);
 
@@ -48,7 +49,7 @@ fn image_info(path: &Path) -> String {
     }
 }
 
-fn show(term: &Term, s: &Session, protocol: Protocol, note: &str) -> io::Result<()> {
+fn show(term: &Term, root: &Path, s: &Session, protocol: Protocol, note: &str) -> io::Result<()> {
     term.clear_screen()?;
     let item = s.current();
     term.write_line(&format!(
@@ -63,10 +64,11 @@ fn show(term: &Term, s: &Session, protocol: Protocol, note: &str) -> io::Result<
             Err(e) => term.write_line(&format!("(no preview: {e})"))?,
         }
     }
+    let rel = relative(root, &item.caption_path);
     let caption = if item.saved.is_some() {
-        item.caption_path.display().to_string()
+        rel
     } else {
-        format!("{} (none yet)", item.caption_path.display())
+        format!("{rel} (none yet)")
     };
     term.write_line(&format!("caption: {caption}"))?;
     let dirty = if s.is_dirty() {
@@ -108,17 +110,19 @@ pub enum End {
 
 /// Runs the review until the user quits or passes the last image. Every move saves the
 /// current caption first and remembers the position in `root/.sdkit/review.json`.
+/// `note` is shown on the first screen (e.g. how many captions could not be read).
 pub fn run(
     term: &Term,
     root: &Path,
     s: &mut Session,
     vocab: &[String],
     protocol: Protocol,
+    note: &str,
 ) -> io::Result<End> {
     let theme = ColorfulTheme::default();
-    let mut note = String::new();
+    let mut note = note.to_string();
     loop {
-        show(term, s, protocol, &note)?;
+        show(term, root, s, protocol, &note)?;
         note.clear();
         let nav = match term.read_key()? {
             Key::Enter | Key::Char('n') | Key::ArrowRight => Some(Nav::Next),
