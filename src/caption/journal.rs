@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// How many edits are kept; older entries are deleted when a new one is recorded.
@@ -184,6 +185,17 @@ fn resolve(root: &Path, journal: &Path, rel: &str) -> Result<PathBuf, JournalErr
     Ok(root.join(p))
 }
 
+fn restore(path: &Path, rec: &FileRecord) -> Result<(), JournalError> {
+    match &rec.before {
+        Some(text) => crate::util::write_atomic(path, text.as_bytes()).map_err(io(path)),
+        None => match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(path)(e)),
+        },
+    }
+}
+
 /// Restores the files of the newest entry and removes it. With conflicts (files edited
 /// since) and no `force`, nothing is written and the entry stays. `Ok(None)`: the
 /// journal is empty.
@@ -195,10 +207,21 @@ pub fn undo(root: &Path, force: bool) -> Result<Option<UndoReport>, JournalError
         edit: entry.edit.clone(),
         ..UndoReport::default()
     };
+    let paths = entry
+        .files
+        .iter()
+        .map(|rec| resolve(root, &jpath, &rec.path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let states = super::with_io_pool(|| {
+        paths
+            .par_iter()
+            .zip(&entry.files)
+            .map(|(path, rec)| state(path, rec))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
     let mut todo = Vec::new();
-    for rec in &entry.files {
-        let path = resolve(root, &jpath, &rec.path)?;
-        match state(&path, rec)? {
+    for ((path, rec), st) in paths.into_iter().zip(&entry.files).zip(states) {
+        match st {
             State::AsBefore => report.unchanged.push(rec.path.clone()),
             State::AsWritten => todo.push((path, rec)),
             State::Changed => {
@@ -211,17 +234,12 @@ pub fn undo(root: &Path, force: bool) -> Result<Option<UndoReport>, JournalError
         report.remaining = entries(root)?.len();
         return Ok(Some(report));
     }
-    for (path, rec) in todo {
-        match &rec.before {
-            Some(text) => crate::util::write_atomic(&path, text.as_bytes()).map_err(io(&path))?,
-            None => match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&path)(e)),
-            },
-        }
-        report.restored.push(rec.path.clone());
-    }
+    super::with_io_pool(|| {
+        todo.par_iter()
+            .map(|(path, rec)| restore(path, rec))
+            .collect::<Result<Vec<()>, _>>()
+    })?;
+    report.restored = todo.iter().map(|(_, rec)| rec.path.clone()).collect();
     std::fs::remove_file(&jpath).map_err(io(&jpath))?;
     report.remaining = entries(root)?.len();
     Ok(Some(report))

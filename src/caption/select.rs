@@ -98,20 +98,22 @@ pub fn load(root: &Path, ext: &str, on_read: &(dyn Fn() + Sync)) -> std::io::Res
             shared_caption.push(image);
         }
     }
-    let items = pairs
-        .into_par_iter()
-        .map(|(image, caption_path)| {
-            let read = read_caption_text(&caption_path);
-            on_read();
-            let original = read.as_ref().ok().cloned().flatten();
-            Item {
-                image,
-                caption_path,
-                caption: read.map(|o| o.map(|t| Caption::parse(&t))),
-                original,
-            }
-        })
-        .collect();
+    let items = super::with_io_pool(|| {
+        pairs
+            .into_par_iter()
+            .map(|(image, caption_path)| {
+                let read = read_caption_text(&caption_path);
+                on_read();
+                let original = read.as_ref().ok().cloned().flatten();
+                Item {
+                    image,
+                    caption_path,
+                    caption: read.map(|o| o.map(|t| Caption::parse(&t))),
+                    original,
+                }
+            })
+            .collect()
+    });
     Ok(Dataset {
         root: root.to_path_buf(),
         items,
