@@ -787,10 +787,29 @@ fn process_inner(ctx: &Ctx, job: &Job, dir: &str, group: &str) -> Result<Outcome
     if blake3::hash(&bytes).to_hex().as_str() != job.hash {
         return Err("changed while being read; run again".into());
     }
-    let decoded = decode::decode_bytes(&bytes, ctx.opts.background).map_err(|e| e.to_string())?;
+    // JPEG draft decoding: keep at least 2x of real downscaling after the DCT reduction.
+    let shrink = job
+        .plans
+        .iter()
+        .map(|p| (p.crop.w / p.scaled.0 as f64).min(p.crop.h / p.scaled.1 as f64))
+        .fold(f64::INFINITY, f64::min);
+    let reduction = [8u32, 4, 2]
+        .into_iter()
+        .find(|r| shrink >= 2.0 * *r as f64)
+        .unwrap_or(1);
+    let decoded = decode::decode_bytes_reduced(&bytes, ctx.opts.background, reduction)
+        .map_err(|e| e.to_string())?;
     drop(bytes);
     let img = decoded.image;
-    if img.dimensions() != job.dims {
+    // Plans are in full-size source pixels; the decoded image may be reduced.
+    let (kx, ky) = (
+        img.width() as f64 / job.dims.0 as f64,
+        img.height() as f64 / job.dims.1 as f64,
+    );
+    if !(0.1..=1.0).contains(&kx)
+        || !(0.1..=1.0).contains(&ky)
+        || (reduction == 1 && img.dimensions() != job.dims)
+    {
         return Err(format!(
             "header says {}x{} but pixels are {:?}",
             job.dims.0,
@@ -799,11 +818,10 @@ fn process_inner(ctx: &Ctx, job: &Job, dir: &str, group: &str) -> Result<Outcome
         ));
     }
     let focal = match ctx.opts.focus {
-        Focus::Focal => job
-            .plans
-            .iter()
-            .find(|p| p.movable)
-            .map(|p| super::focal::focal_point(&img, p.crop.w, p.crop.h)),
+        Focus::Focal => job.plans.iter().find(|p| p.movable).map(|p| {
+            let (fx, fy) = super::focal::focal_point(&img, p.crop.w * kx, p.crop.h * ky);
+            (fx / kx, fy / ky)
+        }),
         Focus::Center => None,
     };
     let recs = records_for(ctx, job, dir, focal);

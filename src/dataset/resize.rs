@@ -74,6 +74,15 @@ pub fn resize_region(
     filter: Filter,
 ) -> RgbImage {
     let full = Rect::full(src.width(), src.height());
+    // Clamp to the image: callers compute boxes in floating point.
+    let x = crop.x.clamp(0.0, full.w - 1.0);
+    let y = crop.y.clamp(0.0, full.h - 1.0);
+    let crop = Rect {
+        x,
+        y,
+        w: crop.w.clamp(1.0, full.w - x),
+        h: crop.h.clamp(1.0, full.h - y),
+    };
     if crop == full && (out_w, out_h) == src.dimensions() {
         return src.clone();
     }
