@@ -31,6 +31,23 @@ t() {
   printf '%-45s %6.2f s\n' "$*" "$(echo "$e - $s" | bc)" | sed "s#$OUT#DIR#"
 }
 echo "$N captions, $(nproc) cores, $BIN"
+# Reference: the few lines of Python users write today to put a trigger word first
+# (read, split on commas, insert, write in place; no atomic write, no fsync, no undo).
+s=$(date +%s.%N)
+python3 - "$OUT" <<'PY'
+import os, sys
+for d, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        if f.endswith(".txt"):
+            p = os.path.join(d, f)
+            text = open(p, encoding="utf-8-sig", newline="").read()
+            first, sep, rest = text.partition("\n")
+            tags = [t.strip() for t in first.rstrip("\r").split(",") if t.strip()]
+            tags = ["pyref"] + [t for t in tags if t != "pyref"]
+            open(p, "w", encoding="utf-8", newline="").write(", ".join(tags) + sep + rest)
+PY
+e=$(date +%s.%N)
+printf '%-45s %6.2f s\n' "python reference: add trigger first" "$(echo "$e - $s" | bc)"
 t caption stats "$OUT"
 t caption add "$OUT" ohwx --dry-run
 t caption add "$OUT" ohwx
