@@ -22,18 +22,26 @@ pub fn expand(args: Vec<OsString>, cmd: &clap::Command) -> anyhow::Result<Vec<Os
             None => bail!("--config needs a file"),
         },
     };
-    // The subcommand is the first argument after the program that is not a flag.
-    let Some(sub_pos) = args
-        .iter()
-        .skip(1)
-        .position(|a| !a.to_string_lossy().starts_with('-'))
-        .map(|p| p + 1)
-    else {
+    // Descend through subcommands (`caption add`): flags go after the innermost one.
+    let mut sub: Option<&clap::Command> = None;
+    let mut sub_pos = 0;
+    let mut current = cmd;
+    for (i, a) in args.iter().enumerate().skip(1) {
+        let name = a.to_string_lossy();
+        if name.starts_with('-') {
+            break;
+        }
+        match current.find_subcommand(name.as_ref()) {
+            Some(s) => {
+                sub = Some(s);
+                sub_pos = i;
+                current = s;
+            }
+            None => break,
+        }
+    }
+    let Some(sub) = sub else {
         bail!("--config must follow a command, e.g. sdkit prep --config recipe.yaml");
-    };
-    let sub_name = args[sub_pos].to_string_lossy().into_owned();
-    let Some(sub) = cmd.find_subcommand(&sub_name) else {
-        return Ok(args);
     };
     let flags = recipe_flags(Path::new(&file), sub)?;
     let mut out: Vec<OsString> = Vec::with_capacity(args.len() + flags.len());
