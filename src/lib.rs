@@ -7,4 +7,5 @@ pub mod caption;
 pub mod cli;
 pub mod dataset;
 pub mod review;
+pub mod model;
 pub mod util;

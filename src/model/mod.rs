@@ -1,0 +1,33 @@
+//! Stable Diffusion model core on candle.
+//!
+//! Module and parameter paths follow the diffusers / Hugging Face names so adapter keys map
+//! one to one. `nn` holds the layers (frozen or trainable weights, low-rank delta slots,
+//! differentiable norms and softmax), `weights` the tensor map they load from, `clip` the
+//! SD1 / SD2 text encoders.
+
+pub mod attention;
+pub mod clip;
+pub mod nn;
+pub mod weights;
+
+pub use weights::Weights;
+
+/// Errors from loading or running the model core.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{file}: missing tensor `{key}`")]
+    MissingKey { file: String, key: String },
+    #[error("{file}: tensor `{key}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        file: String,
+        key: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{file}: {reason}")]
+    Format { file: String, reason: String },
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,413 @@
+//! Layers with diffusers / HF parameter paths and a backward for every op.
+//!
+//! candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward: their
+//! inputs silently get no gradient. Everything here is built from ops whose backward candle
+//! implements (tests in this file prove the gradients flow and match finite differences).
+
+use super::Result;
+use super::weights::{Param, Weights};
+use candle_core::{D, DType, Tensor, Var};
+
+/// A low-rank delta `up(down(x)) * scale` added to a layer's output (LoRA / LoCon).
+/// Linear: down [r, in], up [out, r]. Conv: down [r, in, kh, kw], up [out, r, 1, 1].
+#[derive(Clone, Debug)]
+pub struct LowRank {
+    pub down: Var,
+    pub up: Var,
+    pub scale: f64,
+}
+
+/// `y = x W^T + b (+ delta)`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub delta: Option<LowRank>,
+}
+
+impl Linear {
+    /// Load `{path}.weight` [out, in] and, when `bias`, `{path}.bias` [out].
+    pub fn load(
+        w: &mut Weights,
+        path: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = w.param(&format!("{path}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(w.param(&format!("{path}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            delta: None,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.broadcast_matmul(&self.weight.tensor().t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b.tensor())?;
+        }
+        if let Some(d) = &self.delta {
+            let h = x.broadcast_matmul(&d.down.as_tensor().t()?)?;
+            let h = h.broadcast_matmul(&d.up.as_tensor().t()?)?;
+            y = (y + (h * d.scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// 2-D convolution, NCHW, square kernel.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub delta: Option<LowRank>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    /// Load `{path}.weight` [out, in, k, k] and `{path}.bias` [out].
+    pub fn load(
+        w: &mut Weights,
+        path: &str,
+        (in_ch, out_ch, k): (usize, usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = w.param(&format!("{path}.weight"), &[out_ch, in_ch, k, k])?;
+        let bias = Some(w.param(&format!("{path}.bias"), &[out_ch])?);
+        Ok(Self {
+            weight,
+            bias,
+            delta: None,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.conv2d(self.weight.tensor(), self.padding, self.stride, 1, 1)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.tensor().reshape((1, (), 1, 1))?)?;
+        }
+        if let Some(d) = &self.delta {
+            let h = x.conv2d(d.down.as_tensor(), self.padding, self.stride, 1, 1)?;
+            let h = h.conv2d(d.up.as_tensor(), 0, 1, 1, 1)?;
+            y = (y + (h * d.scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Layer norm over the last dimension with affine weight and bias.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Param,
+    pub bias: Param,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(w: &mut Weights, path: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = w.param(&format!("{path}.weight"), &[dim])?;
+        let bias = w.param(&format!("{path}.bias"), &[dim])?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, self.weight.tensor(), self.bias.tensor(), self.eps)
+    }
+}
+
+/// Group norm over NC... input (statistics per sample and group of channels).
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    pub weight: Param,
+    pub bias: Param,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(
+        w: &mut Weights,
+        path: &str,
+        channels: usize,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let weight = w.param(&format!("{path}.weight"), &[channels])?;
+        let bias = w.param(&format!("{path}.bias"), &[channels])?;
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm(
+            x,
+            self.groups,
+            self.weight.tensor(),
+            self.bias.tensor(),
+            self.eps,
+        )
+    }
+}
+
+/// Statistics are computed in f32 at least (f16/bf16 inputs are upcast and cast back).
+fn upcast(x: &Tensor) -> Result<(Tensor, DType)> {
+    let dt = x.dtype();
+    let x = match dt {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    };
+    Ok((x, dt))
+}
+
+/// Differentiable layer norm over the last dimension (biased variance, like PyTorch).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let (xf, dt) = upcast(x)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
+    Ok(y.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
+/// Differentiable group norm for [N, C, ...] input; weight and bias are [C].
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    let (xf, dt) = upcast(x)?;
+    let g = xf.reshape((n, groups, ()))?;
+    let mean = g.mean_keepdim(D::Minus1)?;
+    let gc = g.broadcast_sub(&mean)?;
+    let var = gc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = gc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape(dims.as_slice())?
+        .to_dtype(dt)?;
+    let mut shape = vec![1, c];
+    shape.resize(dims.len(), 1);
+    Ok(y.broadcast_mul(&weight.reshape(shape.as_slice())?)?
+        .broadcast_add(&bias.reshape(shape.as_slice())?)?)
+}
+
+/// Differentiable softmax over the last dimension (max-shifted for stability; the shift is
+/// a constant for backprop, which is exact because softmax is shift invariant).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// `x * sigmoid(1.702 x)` (CLIP ViT-L "quick_gelu").
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let s = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
+    Ok((x * s)?)
+}
+
+/// Exact (erf) GELU, as `torch.nn.GELU()`.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        // Deterministic pseudo-random values without depending on candle's RNG.
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Central finite difference of `f` w.r.t. element `i` of `x` (f64 for accuracy).
+    fn fd(f: &dyn Fn(&Tensor) -> f64, x: &Tensor, i: usize) -> f64 {
+        let v: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let h = 1e-4;
+        let at = |d: f64| {
+            let mut w = v.clone();
+            w[i] += d;
+            f(&Tensor::from_vec(w, x.dims(), &Device::Cpu).unwrap())
+        };
+        (at(h) - at(-h)) / (2.0 * h)
+    }
+
+    fn check_grad(op: &dyn Fn(&Tensor) -> Tensor, shape: &[usize]) {
+        let x = randn(shape, 3).to_dtype(DType::F64).unwrap();
+        let r = randn(shape, 4).to_dtype(DType::F64).unwrap();
+        let loss = |x: &Tensor| (op(x) * &r).unwrap().sum_all().unwrap();
+        let v = Var::from_tensor(&x).unwrap();
+        let grads = loss(v.as_tensor()).backward().unwrap();
+        let g: Vec<f64> = grads
+            .get(v.as_tensor())
+            .expect("no gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let f = |x: &Tensor| loss(x).to_scalar::<f64>().unwrap();
+        for i in [0, 1, g.len() / 2, g.len() - 1] {
+            let num = fd(&f, &x, i);
+            assert!(
+                (g[i] - num).abs() < 1e-6 * (1.0 + num.abs()),
+                "element {i}: {} vs {num}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_gradient_matches_finite_differences() {
+        check_grad(&|x| softmax_last_dim(x).unwrap(), &[3, 7]);
+        let x = randn(&[2, 5], 9);
+        let ours = softmax_last_dim(&x).unwrap();
+        let fused = candle_nn::ops::softmax_last_dim(&x).unwrap();
+        let diff = (ours - fused)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6);
+    }
+
+    #[test]
+    fn layer_norm_and_group_norm_gradients_match_finite_differences() {
+        let w = randn(&[6], 5).to_dtype(DType::F64).unwrap();
+        let b = randn(&[6], 6).to_dtype(DType::F64).unwrap();
+        check_grad(&|x| layer_norm(x, &w, &b, 1e-5).unwrap(), &[4, 6]);
+        check_grad(&|x| group_norm(x, 3, &w, &b, 1e-5).unwrap(), &[2, 6, 2, 3]);
+        check_grad(&|x| quick_gelu(x).unwrap(), &[10]);
+        check_grad(&|x| gelu(x).unwrap(), &[10]);
+    }
+
+    /// The reason these functions exist: candle's fused ops give the input no gradient.
+    #[test]
+    fn fused_candle_ops_lose_gradients_ours_do_not() {
+        let x = Var::from_tensor(&randn(&[4, 8], 1)).unwrap();
+        let r = randn(&[4, 8], 2);
+        let w = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap();
+        let has_grad = |y: Tensor| {
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(x.as_tensor()).is_some()
+        };
+        assert!(!has_grad(
+            candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap()
+        ));
+        assert!(!has_grad(
+            candle_nn::ops::layer_norm(x.as_tensor(), &w, &b, 1e-5).unwrap()
+        ));
+        assert!(has_grad(softmax_last_dim(x.as_tensor()).unwrap()));
+        assert!(has_grad(layer_norm(x.as_tensor(), &w, &b, 1e-5).unwrap()));
+    }
+
+    /// A low-rank delta equals merging `scale * up @ down` into the base weight.
+    #[test]
+    fn low_rank_delta_equals_merged_weight() {
+        let dev = Device::Cpu;
+        let (out_c, in_c, r, k) = (4, 3, 2, 3);
+        let base = randn(&[out_c, in_c, k, k], 1);
+        let down = randn(&[r, in_c, k, k], 2);
+        let up = randn(&[out_c, r, 1, 1], 3);
+        let bias = Param::Frozen(randn(&[out_c], 4));
+        let conv = Conv2d {
+            weight: Param::Frozen(base.clone()),
+            bias: Some(bias.clone()),
+            delta: Some(LowRank {
+                down: Var::from_tensor(&down).unwrap(),
+                up: Var::from_tensor(&up).unwrap(),
+                scale: 0.5,
+            }),
+            stride: 1,
+            padding: 1,
+        };
+        let merged_w = (up
+            .reshape((out_c, r))
+            .unwrap()
+            .matmul(&down.reshape((r, ())).unwrap())
+            .unwrap()
+            * 0.5)
+            .unwrap()
+            .reshape(base.dims())
+            .unwrap();
+        let merged = Conv2d {
+            weight: Param::Frozen((base + merged_w).unwrap()),
+            bias: Some(bias),
+            delta: None,
+            stride: 1,
+            padding: 1,
+        };
+        let x = randn(&[2, in_c, 5, 5], 5);
+        let d = (conv.forward(&x).unwrap() - merged.forward(&x).unwrap()).unwrap();
+        assert!(
+            d.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                < 1e-5
+        );
+
+        let lin_base = randn(&[4, 3], 6);
+        let (ld, lu) = (randn(&[2, 3], 7), randn(&[4, 2], 8));
+        let lin = Linear {
+            weight: Param::Frozen(lin_base.clone()),
+            bias: None,
+            delta: Some(LowRank {
+                down: Var::from_tensor(&ld).unwrap(),
+                up: Var::from_tensor(&lu).unwrap(),
+                scale: 2.0,
+            }),
+        };
+        let merged = Linear {
+            weight: Param::Frozen((lin_base + (lu.matmul(&ld).unwrap() * 2.0).unwrap()).unwrap()),
+            bias: None,
+            delta: None,
+        };
+        let x = randn(&[2, 5, 3], 9);
+        let d = (lin.forward(&x).unwrap() - merged.forward(&x).unwrap()).unwrap();
+        assert!(
+            d.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                < 1e-5
+        );
+        let _ = dev;
+    }
+}
