@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod tokens;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sdkit",
@@ -15,9 +17,14 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// CLIP token ids and 75-token chunks of a prompt, or the token budget of captions.
+    Tokens(tokens::TokensArgs),
+}
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
-    match cli.command {}
+    match cli.command {
+        Command::Tokens(a) => tokens::run(a),
+    }
 }
