@@ -226,6 +226,22 @@ fn chunk_layout_bos_eos_padding_break_and_commas() {
     let (c, _) = prompt::a1111_prompt(tok, &far, sd1).unwrap();
     assert_eq!((c[0].used, c[1].used), (75, 6));
 
+    // The limit is inclusive: a comma exactly 20 tokens back moves the tail, 21 does not.
+    let at20 = format!(
+        "{}, {}",
+        vec!["cat"; 55].join(" "),
+        vec!["dog"; 20].join(" ")
+    );
+    let (c, _) = prompt::a1111_prompt(tok, &at20, sd1).unwrap();
+    assert_eq!((c[0].used, c[1].used), (56, 20));
+    let at21 = format!(
+        "{}, {}",
+        vec!["cat"; 54].join(" "),
+        vec!["dog"; 21].join(" ")
+    );
+    let (c, _) = prompt::a1111_prompt(tok, &at21, sd1).unwrap();
+    assert_eq!((c[0].used, c[1].used), (75, 1));
+
     // kohya: 225 always gives three chunks; the tail past the limit is dropped.
     let k = prompt::kohya_chunks(tok, &vec!["cat"; 300].join(" "), 225, Pad::Sd1);
     assert_eq!(k.len(), 3);
