@@ -1,12 +1,10 @@
-use clap::Parser;
-
 fn main() {
-    let cli = sdkit::cli::Cli::parse();
-    match sdkit::cli::run(cli) {
-        Ok(code) => std::process::exit(code),
+    let code = match sdkit::cli::parse().and_then(sdkit::cli::run) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(2);
+            2
         }
-    }
+    };
+    std::process::exit(code);
 }

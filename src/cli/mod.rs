@@ -1,15 +1,19 @@
 //! Command line: one options struct per subcommand (clap + serde, so YAML recipes use
 //! the same names as the flags), parsing, and dispatch into the library.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
+pub mod config;
+pub mod prep;
 pub mod tokens;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "sdkit",
     version,
-    about = "A folder of photos to a trained Stable Diffusion adapter, in one binary."
+    about = "A folder of photos to a trained Stable Diffusion adapter, in one binary.",
+    args_override_self = true,
+    after_help = "Every command takes --config RECIPE.yaml: keys are its long option names.\nExample:\n  sdkit prep photos/ --out train --name ron --repeats 10"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -18,13 +22,22 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Resize, crop and bucket photos into a kohya training folder.
+    Prep(crate::dataset::prep::PrepOptions),
     /// CLIP token ids and 75-token chunks of a prompt, or the token budget of captions.
     Tokens(tokens::TokensArgs),
+}
+
+/// Parses argv, expanding `--config` recipes first.
+pub fn parse() -> anyhow::Result<Cli> {
+    let args = config::expand(std::env::args_os().collect(), &Cli::command())?;
+    Ok(Cli::parse_from(args))
 }
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
+        Command::Prep(o) => prep::run(o),
         Command::Tokens(a) => tokens::run(a),
     }
 }
