@@ -141,7 +141,7 @@ fn run_prompt(args: &TokensArgs, text: &str) -> anyhow::Result<i32> {
     );
     for (k, c) in report.chunks.iter().enumerate() {
         println!(
-            "chunk {}/{n}: {} tokens, {} free; BOS {} + 75 + EOS {}, padded with {}",
+            "chunk {}/{n}: {} tokens, {} free (sent as BOS {} + 75 + EOS {}, padded with {})",
             k + 1,
             c.used,
             CHUNK - c.used,
