@@ -2,14 +2,15 @@
 # Tokenizer benchmark: token counts of a 10,000-caption folder, sdkit vs Python
 # (transformers' CLIPTokenizer, open_clip's SimpleTokenizer) in the same run.
 # Needs the reference venv: source ../shared/scripts/refenv.sh (sets $REFPY).
-# Usage: bench/tokenizer/run.sh [N]
+# Usage: bench/tokenizer/run.sh [N]   (SDKIT_BIN=path to skip the build)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${1:-10000}
 OUT=bench/out/tokenizer
 : "${REFPY:?source ../shared/scripts/refenv.sh first}"
-cargo build --release --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/sdkit
+# SDKIT_BIN=path uses an already built binary instead of building one.
+if [ -z "${SDKIT_BIN:-}" ]; then cargo build --release --quiet; fi
+BIN=${SDKIT_BIN:-${CARGO_TARGET_DIR:-target}/release/sdkit}
 rm -rf "$OUT" && mkdir -p "$OUT"
 python3 bench/tokenizer/make_captions.py "$OUT/captions" "$N"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

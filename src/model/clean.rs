@@ -10,7 +10,7 @@
 use super::html;
 use std::borrow::Cow;
 use std::sync::OnceLock;
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{IsNormalized, UnicodeNormalization};
 
 /// The full cleanup: `whitespace_clean(basic_clean(text)).lower()`.
 pub fn clean(text: &str) -> String {
@@ -51,7 +51,16 @@ pub fn fix_text(text: &str) -> String {
     out
 }
 
+/// Plain ASCII without `&`, escapes or control characters: no ftfy step changes it.
+fn untouched_by_ftfy(s: &str) -> bool {
+    s.bytes()
+        .all(|b| matches!(b, b' '..=b'~' | b'\t' | b'\n') && b != b'&')
+}
+
 fn fix_segment(segment: &str, unescape: bool) -> String {
+    if untouched_by_ftfy(segment) {
+        return segment.to_string();
+    }
     let mut text = segment.to_string();
     loop {
         let orig = text.clone();
@@ -62,7 +71,9 @@ fn fix_segment(segment: &str, unescape: bool) -> String {
         text = fix_line_breaks(&text);
         text = remove_terminal_escapes(&text).into_owned();
         text = text.chars().filter(|&c| !is_removed_control(c)).collect();
-        text = text.nfc().collect();
+        if unicode_normalization::is_nfc_quick(text.chars()) != IsNormalized::Yes {
+            text = text.nfc().collect();
+        }
         if text == orig {
             return text;
         }
@@ -75,26 +86,23 @@ fn fix_segment(segment: &str, unescape: bool) -> String {
 fn map_chars(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        let c1: Cow<str> = match c as u32 {
-            0x80..=0x9F => match html::cp1252(c as u32) {
-                Some(d) => Cow::Owned(d.to_string()),
-                None => Cow::Owned(c.to_string()),
-            },
-            _ => Cow::Owned(c.to_string()),
+        let c = match c as u32 {
+            0x80..=0x9F => html::cp1252(c as u32).unwrap_or(c),
+            _ => c,
         };
-        for d in c1.chars() {
-            let lig = ligature(d);
-            let mut push_width = |e: char| match width(e) {
-                Some(w) => out.extend(w.chars().map(uncurl)),
-                None => out.push(uncurl(e)),
-            };
-            match lig {
-                Some(s) => s.chars().for_each(&mut push_width),
-                None => push_width(d),
-            }
+        match ligature(c) {
+            Some(s) => s.chars().for_each(|d| push_width_uncurled(&mut out, d)),
+            None => push_width_uncurled(&mut out, c),
         }
     }
     out
+}
+
+fn push_width_uncurled(out: &mut String, c: char) {
+    match width(c) {
+        Some(w) => out.extend(w.chars().map(uncurl)),
+        None => out.push(uncurl(c)),
+    }
 }
 
 fn ligature(c: char) -> Option<&'static str> {

@@ -259,11 +259,11 @@ pub fn a1111_chunks(
         weights.append(w);
         tokens.resize(CHUNK + 2, EOS);
         weights.resize(CHUNK + 2, 1.0);
-        if opts.pad == Pad::Sd2 {
-            if let Some(first_eos) = tokens.iter().position(|&x| x == EOS) {
-                for x in &mut tokens[first_eos + 1..] {
-                    *x = 0;
-                }
+        if opts.pad == Pad::Sd2
+            && let Some(first_eos) = tokens.iter().position(|&x| x == EOS)
+        {
+            for x in &mut tokens[first_eos + 1..] {
+                *x = 0;
             }
         }
         chunks.push(Chunk {
@@ -282,18 +282,18 @@ pub fn a1111_chunks(
         for id in tok.encode(&frag.text) {
             if id == COMMA {
                 last_comma = Some(cur_t.len());
-            } else if let Some(lc) = last_comma {
-                if opts.comma_backtrack != 0
-                    && cur_t.len() == CHUNK
-                    && cur_t.len() - lc <= opts.comma_backtrack
-                {
-                    let reloc_t = cur_t.split_off(lc + 1);
-                    let reloc_w = cur_w.split_off(lc + 1);
-                    finish(&mut cur_t, &mut cur_w, false, &mut token_count, &mut chunks);
-                    last_comma = None;
-                    cur_t = reloc_t;
-                    cur_w = reloc_w;
-                }
+            } else if let Some(lc) = last_comma
+                && opts.comma_backtrack != 0
+                && cur_t.len() == CHUNK
+                && cur_t.len() - lc <= opts.comma_backtrack
+            {
+                // Full chunk, comma close enough: the tokens after it move on.
+                let reloc_t = cur_t.split_off(lc + 1);
+                let reloc_w = cur_w.split_off(lc + 1);
+                finish(&mut cur_t, &mut cur_w, false, &mut token_count, &mut chunks);
+                last_comma = None;
+                cur_t = reloc_t;
+                cur_w = reloc_w;
             }
             if cur_t.len() == CHUNK {
                 finish(&mut cur_t, &mut cur_w, false, &mut token_count, &mut chunks);

@@ -163,8 +163,10 @@ impl ClipTokenizer {
             END_TEXT => return out.push(EOS),
             _ => {}
         }
-        if let Some(ids) = self.cache.read().ok().and_then(|c| c.get(piece).cloned()) {
-            out.extend_from_slice(&ids);
+        if let Ok(c) = self.cache.read()
+            && let Some(ids) = c.get(piece)
+        {
+            out.extend_from_slice(ids);
             return;
         }
         let ids = self.bpe(piece.as_bytes());
@@ -211,15 +213,15 @@ impl ClipTokenizer {
             if next[j] != NONE {
                 prev[next[j]] = i;
             }
-            if prev[i] != NONE {
-                if let Some(r2) = self.rank(sym[prev[i]], sym[i]) {
-                    heap.push(Reverse((r2, prev[i])));
-                }
+            if prev[i] != NONE
+                && let Some(r2) = self.rank(sym[prev[i]], sym[i])
+            {
+                heap.push(Reverse((r2, prev[i])));
             }
-            if next[i] != NONE {
-                if let Some(r2) = self.rank(sym[i], sym[next[i]]) {
-                    heap.push(Reverse((r2, i)));
-                }
+            if next[i] != NONE
+                && let Some(r2) = self.rank(sym[i], sym[next[i]])
+            {
+                heap.push(Reverse((r2, i)));
             }
         }
         (0..n).filter(|&i| alive[i]).map(|i| sym[i]).collect()
