@@ -12,7 +12,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::io::Read;
+use std::io::BufRead;
 use std::sync::{OnceLock, RwLock};
 
 use super::clean;
@@ -76,12 +76,20 @@ impl ClipTokenizer {
         })
     }
 
-    /// Builds from a gzip-compressed `bpe_simple_vocab_16e6.txt`.
+    /// Builds from a gzip-compressed `bpe_simple_vocab_16e6.txt`. Only the header and
+    /// the merges CLIP uses are decompressed (the file holds many more).
     pub fn from_gz(gz: &[u8]) -> Result<ClipTokenizer, TokenizerError> {
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(gz)
-            .read_to_string(&mut text)
-            .map_err(|e| TokenizerError::Merges(e.to_string()))?;
+        let mut reader = std::io::BufReader::new(flate2::read::GzDecoder::new(gz));
+        let mut text = String::with_capacity(600_000);
+        for _ in 0..=NUM_MERGES {
+            if reader
+                .read_line(&mut text)
+                .map_err(|e| TokenizerError::Merges(e.to_string()))?
+                == 0
+            {
+                break;
+            }
+        }
         ClipTokenizer::from_merges(&text)
     }
 
