@@ -6,6 +6,6 @@
 pub mod caption;
 pub mod cli;
 pub mod dataset;
-pub mod review;
 pub mod model;
+pub mod review;
 pub mod util;

@@ -7,6 +7,7 @@ pub mod caption;
 pub mod config;
 pub mod prep;
 pub mod review;
+pub mod tokens;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +30,8 @@ pub enum Command {
     Caption(caption::CaptionArgs),
     /// Review and fix captions image by image in the terminal.
     Review(review::ReviewArgs),
+    /// CLIP token ids and 75-token chunks of a prompt, or the token budget of captions.
+    Tokens(tokens::TokensArgs),
 }
 
 /// Parses argv, expanding `--config` recipes first.
@@ -43,5 +46,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Prep(o) => prep::run(o),
         Command::Caption(a) => caption::run(a),
         Command::Review(a) => review::run(a),
+        Command::Tokens(a) => tokens::run(a),
     }
 }

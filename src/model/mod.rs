@@ -1,15 +1,22 @@
 //! Stable Diffusion model core on candle.
 //!
 //! Module and parameter paths follow the diffusers / Hugging Face names so adapter keys map
-//! one to one. `nn` holds the layers (frozen or trainable weights, low-rank delta slots,
-//! differentiable norms and softmax), `weights` the tensor map they load from, `clip` the
-//! SD1 / SD2 text encoders.
+//! one to one. `tokenizer`/`prompt` turn text into CLIP ids (A1111 emphasis, `BREAK`,
+//! 75-token chunks; kohya's max_token_length); `nn` holds the layers (frozen or trainable
+//! weights, low-rank delta slots, differentiable norms and softmax), `weights` the tensor
+//! map they load from, `clip` the SD1 / SD2 text encoders, `attention` the tiled attention.
 
 pub mod attention;
+mod clean;
 pub mod clip;
+mod html;
 pub mod nn;
+pub mod prompt;
+pub mod tokenizer;
 pub mod weights;
 
+pub use clean::clean as clean_text;
+pub use tokenizer::{BOS, ClipTokenizer, EOS};
 pub use weights::Weights;
 
 /// Errors from loading or running the model core.
