@@ -4,7 +4,7 @@
 //! greyscale, 16-bit, float, palette and CMYK sources all become 8-bit RGB. The
 //! format is sniffed from the content, so a PNG named `.jpg` still decodes.
 
-use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage, RgbaImage};
 use std::io::Cursor;
 use std::path::Path;
 
@@ -130,6 +130,47 @@ pub fn decode_bytes(bytes: &[u8], background: Rgb8) -> Result<Decoded, DecodeErr
     let image = to_rgb8(img, background);
     Ok(Decoded {
         image,
+        orientation: orientation.to_exif(),
+        had_alpha,
+    })
+}
+
+/// An upright 8-bit RGBA image, alpha kept as stored (not composited).
+#[derive(Debug)]
+pub struct DecodedRgba {
+    pub image: RgbaImage,
+    /// EXIF orientation tag value (1 = as stored) that was applied.
+    pub orientation: u8,
+    /// Whether the source carried an alpha channel (otherwise alpha is all 255).
+    pub had_alpha: bool,
+}
+
+/// Decodes a file keeping alpha. See [`decode_bytes_rgba`].
+pub fn decode_file_rgba(path: &Path) -> Result<DecodedRgba, DecodeError> {
+    let bytes = std::fs::read(path)?;
+    decode_bytes_rgba(&bytes)
+}
+
+/// Decodes encoded image bytes into upright 8-bit RGBA without compositing, for callers
+/// that must treat alpha exactly as a reference tool does (drop it, or blend it in a
+/// particular way). Grey becomes R=G=B; 16-bit channels are scaled to 8 bits.
+pub fn decode_bytes_rgba(bytes: &[u8]) -> Result<DecodedRgba, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let mut dec = reader(bytes)?.into_decoder().map_err(classify)?;
+    let (w, h) = dec.dimensions();
+    if w as u64 * h as u64 > MAX_PIXELS {
+        return Err(DecodeError::TooLarge { w, h });
+    }
+    let orientation = dec
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(dec).map_err(classify)?;
+    img.apply_orientation(orientation);
+    let had_alpha = img.color().has_alpha();
+    Ok(DecodedRgba {
+        image: img.into_rgba8(),
         orientation: orientation.to_exif(),
         had_alpha,
     })
