@@ -19,9 +19,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Tag images with a DeepDanbooru or WD14 ONNX tagger (needs onnxruntime).
-    #[command(after_help = "Example:\n  sdkit tag photos/ --model-dir wd-v1-4-convnext-tagger-v2/ --trigger ohwx --existing overwrite\n\n\
+    #[command(
+        after_help = "Example:\n  sdkit tag photos/ --model-dir wd-v1-4-convnext-tagger-v2/ --trigger ohwx --existing overwrite\n\n\
 ONNX Runtime is loaded at run time: set ORT_DYLIB_PATH, or `pip install onnxruntime==1.31.1`\n\
-into ./.venv or the active virtualenv.")]
+into ./.venv or the active virtualenv."
+    )]
     Tag(tag::TagArgs),
 }
 

@@ -80,7 +80,10 @@ pub fn parse_txt(text: &str) -> Vec<Label> {
 
 /// `selected_tags.csv` with a header naming `name` and `category` columns.
 pub fn parse_csv(text: &str) -> Result<Vec<Label>, (usize, String)> {
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     let (_, header) = lines.next().ok_or((1, "empty file".to_string()))?;
     let header = split_csv(header);
     let col = |name: &str| header.iter().position(|h| h.trim() == name);
@@ -141,7 +144,8 @@ mod tests {
 
     #[test]
     fn csv_categories_and_quotes() {
-        let t = "tag_id,name,category,count\r\n1,general,9,10\r\n2,\"a,b\",0,5\n3,hatsune_miku,4,3\n";
+        let t =
+            "tag_id,name,category,count\r\n1,general,9,10\r\n2,\"a,b\",0,5\n3,hatsune_miku,4,3\n";
         let l = parse_csv(t).unwrap();
         assert_eq!(l.len(), 3);
         assert_eq!(l[0].category, Category::Rating);

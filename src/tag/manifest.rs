@@ -27,6 +27,7 @@ pub struct Defaults {
     pub character_threshold: f32,
     pub sort: SortBy,
     pub escape_brackets: bool,
+    pub keep_kaomoji: bool,
 }
 
 const WD14: &str = include_str!("../../models/wd14.yaml");

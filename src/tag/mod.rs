@@ -22,7 +22,15 @@ use std::path::{Path, PathBuf};
 
 /// `--kind`.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum KindArg {
@@ -35,7 +43,15 @@ pub enum KindArg {
 
 /// What to do when a caption file already exists.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Existing {
@@ -240,7 +256,10 @@ pub fn list_images(dir: &Path, recursive: bool) -> Result<Vec<PathBuf>, TagError
         if !e.file_type().is_file() || name.starts_with(crate::util::atomic::TEMP_PREFIX) {
             continue;
         }
-        let ext = e.path().extension().map(|x| x.to_string_lossy().to_lowercase());
+        let ext = e
+            .path()
+            .extension()
+            .map(|x| x.to_string_lossy().to_lowercase());
         if ext.is_some_and(|x| IMAGE_EXTS.contains(&x.as_str())) {
             out.push(e.into_path());
         }
@@ -250,7 +269,7 @@ pub fn list_images(dir: &Path, recursive: bool) -> Result<Vec<PathBuf>, TagError
 }
 
 /// Tags from `--exclude`-style values: an existing file is read (comma or line
-/// separated), anything else is a tag.
+/// separated), anything else is a comma-separated list of tags.
 pub fn expand_list(values: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for v in values {
@@ -262,8 +281,12 @@ pub fn expand_list(values: &[String]) -> Vec<String> {
                     .filter(|t| !t.is_empty())
                     .map(String::from),
             ),
-            _ if !v.trim().is_empty() => out.push(v.trim().to_string()),
-            _ => {}
+            _ => out.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(String::from),
+            ),
         }
     }
     out
@@ -281,6 +304,7 @@ pub fn selection(o: &TagOptions, kind: Kind) -> Selection {
         always_first: expand_list(&o.always_first),
         character_first: o.character_first,
         underscores_to_spaces: !o.keep_underscores,
+        keep_kaomoji: d.keep_kaomoji,
         escape_brackets: o.escape.unwrap_or(d.escape_brackets),
         sort: o.sort.unwrap_or(d.sort),
         max_tags: o.max_tags,
@@ -536,8 +560,13 @@ pub fn run(o: &TagOptions) -> Result<Report, TagError> {
     })
 }
 
-
-fn json_line(image: &Path, caption: &str, picked: &[Picked], labels: &[Label], sc: &[f32]) -> String {
+fn json_line(
+    image: &Path,
+    caption: &str,
+    picked: &[Picked],
+    labels: &[Label],
+    sc: &[f32],
+) -> String {
     let ratings = labels
         .iter()
         .zip(sc)

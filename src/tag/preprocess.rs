@@ -9,7 +9,7 @@
 //!   composited onto white, padded to a white square (top = dy / 2, left = dx / 2),
 //!   OpenCV INTER_AREA when shrinking and INTER_LANCZOS4 when enlarging; BGR, 0..255.
 
-use super::resample::{Pixels, PilFilter, cv_area, cv_lanczos4, pil_resize};
+use super::resample::{PilFilter, Pixels, cv_area, cv_lanczos4, pil_resize};
 use image::RgbaImage;
 
 /// Which reference tagger's preprocessing to follow.
@@ -213,8 +213,8 @@ mod tests {
 
     #[test]
     fn white_compositing_matches_div255() {
-        let img = RgbaImage::from_raw(3, 1, vec![0, 0, 0, 0, 10, 20, 30, 255, 100, 0, 200, 128])
-            .unwrap();
+        let img =
+            RgbaImage::from_raw(3, 1, vec![0, 0, 0, 0, 10, 20, 30, 255, 100, 0, 200, 128]).unwrap();
         let p = on_white(&img);
         // (100*128 + 255*127 + 128)/255 rounded = 177.2 -> 177; 0 -> 127; 200 -> 227.4 -> 227
         assert_eq!(p.data, vec![255, 255, 255, 10, 20, 30, 177, 127, 227]);

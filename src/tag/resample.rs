@@ -155,67 +155,98 @@ fn clip8(v: i64) -> u8 {
     (v >> PIL_BITS).clamp(0, 255) as u8
 }
 
-/// Pillow `Image.resize((w, h), filter, box)` for 8-bit images. `box` is the source
-/// rectangle (x0, y0, x1, y1) in pixels; it may be empty in one direction (Pillow then
-/// extrapolates from the edge, which webui uses to stretch edges).
-pub fn pil_resize(src: &Pixels, w: usize, h: usize, bx: [f64; 4], f: PilFilter) -> Pixels {
+/// One separable pass over rows `[0, rows)` of `src`: horizontal (`along_x`) or vertical.
+fn pil_pass(
+    src: &Pixels,
+    out_w: usize,
+    out_h: usize,
+    c: &PilCoeffs,
+    along_x: bool,
+    y0: usize,
+) -> Pixels {
     let cn = src.cn;
-    let need_h = w != src.w || bx[0] != 0.0 || bx[2] != w as f64;
-    let need_v = h != src.h || bx[1] != 0.0 || bx[3] != h as f64;
-    let horiz = pil_coeffs(src.w, bx[0], bx[2], w, f);
-    let mut vert = pil_coeffs(src.h, bx[1], bx[3], h, f);
-    let y_first = vert.bounds[0].0;
-    let (ly, ln) = vert.bounds[h - 1];
-    let y_last = ly + ln;
-    let mut cur: std::borrow::Cow<Pixels> = std::borrow::Cow::Borrowed(src);
-    if need_h {
-        for b in vert.bounds.iter_mut() {
-            b.0 -= y_first;
-        }
-        let rows = y_last - y_first;
-        let mut tmp = Pixels::new(w, rows, cn, 0);
-        for y in 0..rows {
-            let s = src.row(y + y_first);
-            let d = &mut tmp.data[y * w * cn..(y + 1) * w * cn];
-            for xx in 0..w {
-                let (xmin, n) = horiz.bounds[xx];
-                let kk = &horiz.k[xx * horiz.ksize..xx * horiz.ksize + n];
-                for c in 0..cn {
+    let mut out = Pixels::new(out_w, out_h, cn, 0);
+    let stride = out_w * cn;
+    if along_x {
+        for y in 0..out_h {
+            let s = src.row(y + y0);
+            let d = &mut out.data[y * stride..(y + 1) * stride];
+            for xx in 0..out_w {
+                let (xmin, n) = c.bounds[xx];
+                let kk = &c.k[xx * c.ksize..xx * c.ksize + n];
+                for ch in 0..cn {
                     let mut ss: i64 = 1 << (PIL_BITS - 1);
                     for (x, &kv) in kk.iter().enumerate() {
-                        ss += s[(x + xmin) * cn + c] as i64 * kv as i64;
+                        ss += s[(x + xmin) * cn + ch] as i64 * kv as i64;
                     }
-                    d[xx * cn + c] = clip8(ss);
+                    d[xx * cn + ch] = clip8(ss);
                 }
             }
         }
-        cur = std::borrow::Cow::Owned(tmp);
-    }
-    if !need_v {
-        return cur.into_owned();
-    }
-    let inp = &*cur;
-    let mut out = Pixels::new(w, h, cn, 0);
-    let stride = w * cn;
-    let mut acc = vec![0i64; stride];
-    for yy in 0..h {
-        let (ymin, n) = vert.bounds[yy];
-        let kk = &vert.k[yy * vert.ksize..yy * vert.ksize + n];
-        acc.fill(1 << (PIL_BITS - 1));
-        for (y, &kv) in kk.iter().enumerate() {
-            let r = inp.row(y + ymin);
-            for (a, &p) in acc.iter_mut().zip(r) {
-                *a += p as i64 * kv as i64;
+    } else {
+        let mut acc = vec![0i64; stride];
+        for yy in 0..out_h {
+            let (ymin, n) = c.bounds[yy];
+            let kk = &c.k[yy * c.ksize..yy * c.ksize + n];
+            acc.fill(1 << (PIL_BITS - 1));
+            for (y, &kv) in kk.iter().enumerate() {
+                for (a, &p) in acc.iter_mut().zip(src.row(y + ymin)) {
+                    *a += p as i64 * kv as i64;
+                }
             }
-        }
-        for (d, &a) in out.data[yy * stride..(yy + 1) * stride]
-            .iter_mut()
-            .zip(&acc)
-        {
-            *d = clip8(a);
+            for (d, &a) in out.data[yy * stride..(yy + 1) * stride]
+                .iter_mut()
+                .zip(&acc)
+            {
+                *d = clip8(a);
+            }
         }
     }
     out
+}
+
+/// Pillow `Image.resize((w, h), filter, box)` for 8-bit images (Pillow 13). `box` is
+/// the source rectangle (x0, y0, x1, y1) in pixels; it may be empty in one direction
+/// (Pillow then extrapolates from the edge, which webui uses to stretch edges).
+pub fn pil_resize(src: &Pixels, w: usize, h: usize, bx: [f64; 4], f: PilFilter) -> Pixels {
+    let need_h = w != src.w || bx[0] != 0.0 || bx[2] != w as f64;
+    let need_v = h != src.h || bx[1] != 0.0 || bx[3] != h as f64;
+    if !need_h && !need_v {
+        return src.clone();
+    }
+    let horiz = pil_coeffs(src.w, bx[0], bx[2], w, f);
+    let mut vert = pil_coeffs(src.h, bx[1], bx[3], h, f);
+    // Pillow runs the vertical pass first when the height shrinks by more than twice
+    // as many pixels as the width; the order changes the rounding of the result.
+    let (dh, dw) = (src.h as i64 - h as i64, src.w as i64 - w as i64);
+    let horizontal_first = !(dh > 0 && dh > dw * 2);
+    if !horizontal_first {
+        let tmp = if need_v {
+            pil_pass(src, src.w, h, &vert, false, 0)
+        } else {
+            src.clone()
+        };
+        return if need_h {
+            pil_pass(&tmp, w, h, &horiz, true, 0)
+        } else {
+            tmp
+        };
+    }
+    if !need_h {
+        return pil_pass(src, w, h, &vert, false, 0);
+    }
+    let y_first = vert.bounds[0].0;
+    let (ly, ln) = vert.bounds[h - 1];
+    let y_last = ly + ln;
+    for b in vert.bounds.iter_mut() {
+        b.0 -= y_first;
+    }
+    let tmp = pil_pass(src, w, y_last - y_first, &horiz, true, y_first);
+    if need_v {
+        pil_pass(&tmp, w, h, &vert, false, 0)
+    } else {
+        tmp
+    }
 }
 
 /// One weighted tap of OpenCV's area tables.
@@ -447,7 +478,12 @@ mod tests {
     fn area_of_flat_image_is_flat() {
         let p = Pixels::new(9, 7, 3, 200);
         assert!(cv_area(&p, 4, 3).data.iter().all(|&v| v == 200));
-        assert!(cv_area(&Pixels::new(8, 8, 1, 7), 4, 4).data.iter().all(|&v| v == 7));
+        assert!(
+            cv_area(&Pixels::new(8, 8, 1, 7), 4, 4)
+                .data
+                .iter()
+                .all(|&v| v == 7)
+        );
     }
 
     #[test]

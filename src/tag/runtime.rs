@@ -159,7 +159,15 @@ pub fn init() -> Result<PathBuf, RuntimeError> {
 
 /// Where inference runs.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Device {
@@ -240,9 +248,12 @@ and one float32 score output [N, tags]";
             return Err(bad("no inputs or outputs".into()));
         };
         let f32_ty = Some(ort::value::TensorElementType::Float32);
-        let ishape: Vec<i64> = inp.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
-        if session.inputs().len() != 1 || inp.dtype().tensor_type() != f32_ty || ishape.len() != 4
-        {
+        let ishape: Vec<i64> = inp
+            .dtype()
+            .tensor_shape()
+            .map(|s| s.to_vec())
+            .unwrap_or_default();
+        if session.inputs().len() != 1 || inp.dtype().tensor_type() != f32_ty || ishape.len() != 4 {
             return Err(bad(format!("input {}", shape_text(inp.dtype()))));
         }
         let (layout, h, w) = match (ishape[1], ishape[3]) {
@@ -253,7 +264,11 @@ and one float32 score output [N, tags]";
         if h != w || h <= 0 {
             return Err(bad(format!("input {}", shape_text(inp.dtype()))));
         }
-        let oshape: Vec<i64> = out.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+        let oshape: Vec<i64> = out
+            .dtype()
+            .tensor_shape()
+            .map(|s| s.to_vec())
+            .unwrap_or_default();
         if out.dtype().tensor_type() != f32_ty || oshape.len() != 2 || oshape[1] <= 0 {
             return Err(bad(format!("output {}", shape_text(out.dtype()))));
         }
@@ -346,7 +361,9 @@ mod tests {
     #[test]
     fn finds_library_in_a_venv_layout() {
         let d = tempfile::tempdir().unwrap();
-        let capi = d.path().join("lib/python3.12/site-packages/onnxruntime/capi");
+        let capi = d
+            .path()
+            .join("lib/python3.12/site-packages/onnxruntime/capi");
         std::fs::create_dir_all(&capi).unwrap();
         let name = format!(
             "{}onnxruntime{}.1.31.1",
@@ -354,7 +371,9 @@ mod tests {
             std::env::consts::DLL_SUFFIX
         );
         std::fs::write(capi.join(&name), b"").unwrap();
-        let found = venv_sites(d.path()).iter().find_map(|s| in_site_packages(s));
+        let found = venv_sites(d.path())
+            .iter()
+            .find_map(|s| in_site_packages(s));
         assert_eq!(found, Some(capi.join(name)));
     }
 }

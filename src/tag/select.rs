@@ -9,13 +9,21 @@ use super::labels::{Category, Label};
 /// Kaomoji tags whose underscores are part of the face (SmilingWolf's list); kohya also
 /// keeps underscores of every tag of 3 characters or fewer.
 pub const KAOMOJI: &[&str] = &[
-    "0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9",
-    ">_o", "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||",
+    "0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o",
+    "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||",
 ];
 
 /// Where the rating tag goes, if anywhere.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum RatingPos {
@@ -26,7 +34,9 @@ pub enum RatingPos {
 }
 
 /// Tag order before the front-placement rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum SortBy {
     /// Highest score first.
@@ -48,6 +58,9 @@ pub struct Selection {
     pub always_first: Vec<String>,
     pub character_first: bool,
     pub underscores_to_spaces: bool,
+    /// Keep the underscores of kaomoji (WD14 taggers) or replace them too (webui's
+    /// DeepDanbooru replaces every underscore).
+    pub keep_kaomoji: bool,
     pub escape_brackets: bool,
     pub sort: SortBy,
     pub max_tags: Option<usize>,
@@ -87,7 +100,7 @@ pub fn mcut_threshold(scores: &[f32]) -> f32 {
 
 /// Display form of a label name.
 pub fn format_tag(name: &str, sel: &Selection) -> String {
-    let mut t = if sel.underscores_to_spaces && !is_kaomoji(name) {
+    let mut t = if sel.underscores_to_spaces && !(sel.keep_kaomoji && is_kaomoji(name)) {
         name.replace('_', " ")
     } else {
         name.to_string()
@@ -162,6 +175,15 @@ pub fn select(labels: &[Label], scores: &[f32], sel: &Selection) -> Vec<Picked> 
     }
     if sel.character_first {
         picked.sort_by_key(|p| p.category != Category::Character);
+        if sel.sort == SortBy::Model {
+            // kohya inserts each character tag at the front as it meets it, which leaves
+            // them in reverse label order; do the same so captions match.
+            let n = picked
+                .iter()
+                .take_while(|p| p.category == Category::Character)
+                .count();
+            picked[..n].reverse();
+        }
     }
     if let Some(n) = sel.max_tags {
         picked.truncate(n);
@@ -243,6 +265,7 @@ mod tests {
             always_first: vec![],
             character_first: false,
             underscores_to_spaces: true,
+            keep_kaomoji: true,
             escape_brackets: false,
             sort: SortBy::Model,
             max_tags: None,
@@ -270,6 +293,8 @@ mod tests {
         assert_eq!(format_tag("(o)_(o)", &s), "(o)_(o)");
         s.escape_brackets = true;
         assert_eq!(format_tag("star_(symbol)", &s), "star \\(symbol\\)");
+        s.keep_kaomoji = false;
+        assert_eq!(format_tag("^_^", &s), "^ ^");
     }
 
     #[test]
@@ -285,7 +310,10 @@ mod tests {
         let scores = [0.7, 0.2, 0.5, 0.9, 0.1, 0.8];
         let mut s = sel();
         let tags = |s: &Selection| -> Vec<String> {
-            select(&labels, &scores, s).into_iter().map(|p| p.tag).collect()
+            select(&labels, &scores, s)
+                .into_iter()
+                .map(|p| p.tag)
+                .collect()
         };
         assert_eq!(tags(&s), ["smile", "long hair", "miku"]);
         s.sort = SortBy::Score;
