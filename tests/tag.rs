@@ -12,7 +12,7 @@
 //! a notice and pass locally; under CI (`CI` set) they fail instead.
 
 use sdkit::dataset::caption_io;
-use sdkit::dataset::decode::decode_file_rgba;
+use sdkit::dataset::decode::decode_file_any;
 use sdkit::tag::preprocess::{Kind, prepare};
 use sdkit::tag::select::{RatingPos, SortBy};
 use sdkit::tag::{Existing, KindArg, TagOptions};
@@ -31,8 +31,8 @@ fn expected() -> serde_json::Value {
 
 fn check_preprocessing(kind: Kind, size: u32, prefix: &str) {
     for name in IMAGES {
-        let img = decode_file_rgba(&fixtures().join("images").join(name)).unwrap();
-        let got = prepare(kind, &img.image, size);
+        let img = decode_file_any(&fixtures().join("images").join(name)).unwrap();
+        let got = prepare(kind, img.image, size);
         let stem = name.split('.').next().unwrap();
         let want = image::open(fixtures().join(format!("ref/{prefix}_{stem}.png")))
             .unwrap()
@@ -322,6 +322,11 @@ fn wrong_labels_and_shapes_are_clear_errors() {
     o.labels = Some(fixtures().join("wd14/selected_tags.csv"));
     let e = sdkit::tag::run(&o).unwrap_err().to_string();
     assert!(e.contains("bad.onnx: cannot load model"), "{e}");
+    // CUDA asked for but not available (CPU onnxruntime, or built without `cuda`).
+    let mut o = opts(d.path(), "wd14");
+    o.device = sdkit::tag::runtime::Device::Cuda;
+    let e = sdkit::tag::run(&o).unwrap_err().to_string();
+    assert!(e.contains("CUDA execution provider unavailable"), "{e}");
     // Nothing was written.
     assert!(!d.path().join("alpha.txt").exists());
 }

@@ -4,7 +4,7 @@
 //! greyscale, 16-bit, float, palette and CMYK sources all become 8-bit RGB. The
 //! format is sniffed from the content, so a PNG named `.jpg` still decodes.
 
-use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage, RgbaImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use std::io::Cursor;
 use std::path::Path;
 
@@ -135,26 +135,24 @@ pub fn decode_bytes(bytes: &[u8], background: Rgb8) -> Result<Decoded, DecodeErr
     })
 }
 
-/// An upright 8-bit RGBA image, alpha kept as stored (not composited).
+/// An upright image in its decoded colour type, alpha kept as stored (not composited).
 #[derive(Debug)]
-pub struct DecodedRgba {
-    pub image: RgbaImage,
+pub struct DecodedAny {
+    pub image: DynamicImage,
     /// EXIF orientation tag value (1 = as stored) that was applied.
     pub orientation: u8,
-    /// Whether the source carried an alpha channel (otherwise alpha is all 255).
-    pub had_alpha: bool,
 }
 
-/// Decodes a file keeping alpha. See [`decode_bytes_rgba`].
-pub fn decode_file_rgba(path: &Path) -> Result<DecodedRgba, DecodeError> {
+/// Decodes a file keeping its colour type and alpha. See [`decode_bytes_any`].
+pub fn decode_file_any(path: &Path) -> Result<DecodedAny, DecodeError> {
     let bytes = std::fs::read(path)?;
-    decode_bytes_rgba(&bytes)
+    decode_bytes_any(&bytes)
 }
 
-/// Decodes encoded image bytes into upright 8-bit RGBA without compositing, for callers
-/// that must treat alpha exactly as a reference tool does (drop it, or blend it in a
-/// particular way). Grey becomes R=G=B; 16-bit channels are scaled to 8 bits.
-pub fn decode_bytes_rgba(bytes: &[u8]) -> Result<DecodedRgba, DecodeError> {
+/// Decodes encoded image bytes into an upright image without converting or
+/// compositing, for callers that must treat alpha exactly as a reference tool does
+/// (drop it, or blend it in a particular way).
+pub fn decode_bytes_any(bytes: &[u8]) -> Result<DecodedAny, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -166,13 +164,11 @@ pub fn decode_bytes_rgba(bytes: &[u8]) -> Result<DecodedRgba, DecodeError> {
     let orientation = dec
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(dec).map_err(classify)?;
-    img.apply_orientation(orientation);
-    let had_alpha = img.color().has_alpha();
-    Ok(DecodedRgba {
-        image: img.into_rgba8(),
+    let mut image = DynamicImage::from_decoder(dec).map_err(classify)?;
+    image.apply_orientation(orientation);
+    Ok(DecodedAny {
+        image,
         orientation: orientation.to_exif(),
-        had_alpha,
     })
 }
 

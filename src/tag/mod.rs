@@ -445,8 +445,8 @@ pub fn run(o: &TagOptions) -> Result<Report, TagError> {
                 let prepared: Vec<Result<resample::Pixels, String>> = chunk
                     .par_iter()
                     .map(|p| {
-                        crate::dataset::decode::decode_file_rgba(p)
-                            .map(|d| preprocess::prepare(contract.kind, &d.image, contract.size))
+                        crate::dataset::decode::decode_file_any(p)
+                            .map(|d| preprocess::prepare(contract.kind, d.image, contract.size))
                             .map_err(|e| e.to_string())
                     })
                     .collect();

@@ -9,8 +9,8 @@
 //!   composited onto white, padded to a white square (top = dy / 2, left = dx / 2),
 //!   OpenCV INTER_AREA when shrinking and INTER_LANCZOS4 when enlarging; BGR, 0..255.
 
-use super::resample::{PilFilter, Pixels, cv_area, cv_lanczos4, pil_resize};
-use image::RgbaImage;
+use super::resample::{PadView, PilFilter, Pixels, cv_area, cv_lanczos4, pil_resize};
+use image::{DynamicImage, RgbaImage};
 
 /// Which reference tagger's preprocessing to follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -72,10 +72,27 @@ impl Contract {
 }
 
 /// The 8-bit square image the model sees, in RGB channel order.
-pub fn prepare(kind: Kind, rgba: &RgbaImage, size: u32) -> Pixels {
-    match kind {
-        Kind::DeepDanbooru => deepdanbooru(&drop_alpha(rgba), size as usize),
-        Kind::Wd14 => wd14(&on_white(rgba), size as usize),
+pub fn prepare(kind: Kind, img: DynamicImage, size: u32) -> Pixels {
+    let size = size as usize;
+    if img.color().has_alpha() {
+        let rgba = img.into_rgba8();
+        match kind {
+            Kind::DeepDanbooru => deepdanbooru(&drop_alpha(&rgba), size),
+            Kind::Wd14 => wd14(&on_white(&rgba), size),
+        }
+    } else {
+        // Opaque: both paths see plain RGB (grey is replicated, as Pillow does).
+        let rgb = img.into_rgb8();
+        let p = Pixels {
+            w: rgb.width() as usize,
+            h: rgb.height() as usize,
+            cn: 3,
+            data: rgb.into_raw(),
+        };
+        match kind {
+            Kind::DeepDanbooru => deepdanbooru(&p, size),
+            Kind::Wd14 => wd14(&p, size),
+        }
     }
 }
 
@@ -166,17 +183,25 @@ pub fn deepdanbooru(im: &Pixels, size: usize) -> Pixels {
 /// White square pad, then area-shrink or Lanczos4-enlarge to `size`.
 pub fn wd14(im: &Pixels, size: usize) -> Pixels {
     let side = im.w.max(im.h);
-    let square = if im.w == im.h {
-        im.clone()
-    } else {
-        let mut sq = Pixels::new(side, side, 3, 255);
-        sq.paste(im, ((side - im.w) / 2) as i64, ((side - im.h) / 2) as i64);
-        sq
+    let view = PadView {
+        img: im,
+        w: side,
+        h: side,
+        left: (side - im.w) / 2,
+        top: (side - im.h) / 2,
+        fill: 255,
     };
     match side.cmp(&size) {
-        std::cmp::Ordering::Greater => cv_area(&square, size, size),
-        std::cmp::Ordering::Less => cv_lanczos4(&square, size, size),
-        std::cmp::Ordering::Equal => square,
+        std::cmp::Ordering::Greater => cv_area(&view, size, size),
+        _ => {
+            let mut sq = Pixels::new(side, side, im.cn, 255);
+            sq.paste(im, view.left as i64, view.top as i64);
+            if side == size {
+                sq
+            } else {
+                cv_lanczos4(&sq, size, size)
+            }
+        }
     }
 }
 

@@ -291,9 +291,49 @@ fn area_tab(ssize: usize, dsize: usize, scale: f64) -> Vec<AreaTap> {
     tab
 }
 
+/// An image placed on a larger canvas of one fill value, without copying it: the
+/// white square padding of the WD14 path.
+pub struct PadView<'a> {
+    pub img: &'a Pixels,
+    /// Canvas size.
+    pub w: usize,
+    pub h: usize,
+    /// Where the image's top-left corner sits on the canvas.
+    pub left: usize,
+    pub top: usize,
+    pub fill: u8,
+}
+
+impl<'a> PadView<'a> {
+    /// The image itself, no padding.
+    pub fn of(img: &'a Pixels) -> PadView<'a> {
+        PadView {
+            img,
+            w: img.w,
+            h: img.h,
+            left: 0,
+            top: 0,
+            fill: 0,
+        }
+    }
+
+    /// Canvas row `y` into `out` (`w * cn` bytes).
+    fn row_into(&self, y: usize, out: &mut [u8]) {
+        let cn = self.img.cn;
+        if y < self.top || y >= self.top + self.img.h {
+            out.fill(self.fill);
+            return;
+        }
+        let (l, iw) = (self.left * cn, self.img.w * cn);
+        out[..l].fill(self.fill);
+        out[l..l + iw].copy_from_slice(self.img.row(y - self.top));
+        out[l + iw..].fill(self.fill);
+    }
+}
+
 /// OpenCV `cv2.resize(src, (w, h), interpolation=INTER_AREA)` when shrinking
-/// (`w <= src.w`, `h <= src.h`).
-pub fn cv_area(src: &Pixels, w: usize, h: usize) -> Pixels {
+/// (`w <= src.w`, `h <= src.h`), reading the source through a [`PadView`].
+pub fn cv_area(src: &PadView, w: usize, h: usize) -> Pixels {
     // OpenCV's scale is the reciprocal of dst/src, which can differ from src/dst in the
     // last bit.
     let sx = 1.0 / (w as f64 / src.w as f64);
@@ -302,13 +342,37 @@ pub fn cv_area(src: &Pixels, w: usize, h: usize) -> Pixels {
     if (sx - ix).abs() < f64::EPSILON && (sy - iy).abs() < f64::EPSILON {
         return cv_area_fast(src, w, h, ix as usize, iy as usize);
     }
-    let cn = src.cn;
+    let cn = src.img.cn;
     let xtab = area_tab(src.w, w, sx);
     let ytab = area_tab(src.h, h, sy);
+    // Taps are grouped by destination column, in order: accumulate per column in
+    // registers, in OpenCV's order (0 + first tap + second tap ...), so the floats match.
+    let mut ranges = vec![(0usize, 0usize); w];
+    for (k, t) in xtab.iter().enumerate() {
+        if ranges[t.di].1 == 0 {
+            ranges[t.di].0 = k;
+        }
+        ranges[t.di].1 = k + 1;
+    }
     let dw = w * cn;
     let mut out = Pixels::new(w, h, cn, 0);
+    let mut row = vec![0u8; src.w * cn];
     let mut buf = vec![0f32; dw];
     let mut sum = vec![0f32; dw];
+    let mut buf_row = usize::MAX;
+    // Canvas rows of pure fill all give the same horizontal sums, and so do the output
+    // columns whose taps all lie in the fill: compute those once.
+    let fill_buf = {
+        let fill_row = vec![src.fill; src.w * cn];
+        hsum(&fill_row, &xtab, &ranges, cn, &mut buf);
+        buf.clone()
+    };
+    let in_img = |x: usize| x >= src.left && x < src.left + src.img.w;
+    let fill_cols: Vec<bool> = ranges
+        .iter()
+        .map(|&(k0, k1)| xtab[k0..k1].iter().all(|t| !in_img(t.si)))
+        .collect();
+    let is_fill_row = |y: usize| y < src.top || y >= src.top + src.img.h;
     let flush = |out: &mut Pixels, dy: usize, sum: &[f32]| {
         for (d, &s) in out.data[dy * dw..(dy + 1) * dw].iter_mut().zip(sum) {
             *d = s.round_ties_even().clamp(0.0, 255.0) as u8;
@@ -316,13 +380,14 @@ pub fn cv_area(src: &Pixels, w: usize, h: usize) -> Pixels {
     };
     let mut prev_dy = ytab[0].di;
     for t in &ytab {
-        let s = src.row(t.si);
-        buf.fill(0.0);
-        for x in &xtab {
-            let (d, si) = (x.di * cn, x.si * cn);
-            for c in 0..cn {
-                buf[d + c] += s[si + c] as f32 * x.alpha;
+        if t.si != buf_row {
+            if is_fill_row(t.si) {
+                buf.copy_from_slice(&fill_buf);
+            } else {
+                src.row_into(t.si, &mut row);
+                hsum_cols(&row, &xtab, &ranges, cn, &mut buf, &fill_cols, &fill_buf);
             }
+            buf_row = t.si;
         }
         if t.di != prev_dy {
             flush(&mut out, prev_dy, &sum);
@@ -340,28 +405,80 @@ pub fn cv_area(src: &Pixels, w: usize, h: usize) -> Pixels {
     out
 }
 
+/// Horizontal area sums of one canvas row into `buf`, per output column in tap order.
+fn hsum(row: &[u8], xtab: &[AreaTap], ranges: &[(usize, usize)], cn: usize, buf: &mut [f32]) {
+    let all = vec![false; ranges.len()];
+    hsum_cols(row, xtab, ranges, cn, buf, &all, &[]);
+}
+
+/// [`hsum`], copying the columns flagged in `skip` from `pre` instead.
+fn hsum_cols(
+    row: &[u8],
+    xtab: &[AreaTap],
+    ranges: &[(usize, usize)],
+    cn: usize,
+    buf: &mut [f32],
+    skip: &[bool],
+    pre: &[f32],
+) {
+    for (dx, &(k0, k1)) in ranges.iter().enumerate() {
+        let b = &mut buf[dx * cn..(dx + 1) * cn];
+        if skip[dx] {
+            b.copy_from_slice(&pre[dx * cn..(dx + 1) * cn]);
+            continue;
+        }
+        if cn == 3 {
+            let (mut a0, mut a1, mut a2) = (0f32, 0f32, 0f32);
+            for x in &xtab[k0..k1] {
+                let p = &row[x.si * 3..x.si * 3 + 3];
+                a0 += p[0] as f32 * x.alpha;
+                a1 += p[1] as f32 * x.alpha;
+                a2 += p[2] as f32 * x.alpha;
+            }
+            b.copy_from_slice(&[a0, a1, a2]);
+        } else {
+            for (c, bc) in b.iter_mut().enumerate() {
+                let mut a = 0f32;
+                for x in &xtab[k0..k1] {
+                    a += row[x.si * cn + c] as f32 * x.alpha;
+                }
+                *bc = a;
+            }
+        }
+    }
+}
+
 /// OpenCV's integer-factor area path: a 2x2 box rounds with `(sum + 2) >> 2`, other
 /// factors multiply by `1/area` in float and round half to even.
-fn cv_area_fast(src: &Pixels, w: usize, h: usize, kx: usize, ky: usize) -> Pixels {
-    let cn = src.cn;
+fn cv_area_fast(src: &PadView, w: usize, h: usize, kx: usize, ky: usize) -> Pixels {
+    let cn = src.img.cn;
     let mut out = Pixels::new(w, h, cn, 0);
     let scale = 1.0f32 / (kx * ky) as f32;
+    let mut rows = vec![0u8; src.w * cn * ky];
+    let mut sums = vec![0u32; w * cn];
     for dy in 0..h {
-        for dx in 0..w {
-            for c in 0..cn {
-                let mut sum = 0u32;
-                for j in 0..ky {
-                    let r = src.row(dy * ky + j);
-                    for i in 0..kx {
-                        sum += r[(dx * kx + i) * cn + c] as u32;
+        for (j, r) in rows.chunks_exact_mut(src.w * cn).enumerate() {
+            src.row_into(dy * ky + j, r);
+        }
+        sums.fill(0);
+        for r in rows.chunks_exact(src.w * cn) {
+            for dx in 0..w {
+                for i in 0..kx {
+                    for c in 0..cn {
+                        sums[dx * cn + c] += r[(dx * kx + i) * cn + c] as u32;
                     }
                 }
-                out.data[(dy * w + dx) * cn + c] = if kx == 2 && ky == 2 {
-                    ((sum + 2) >> 2) as u8
-                } else {
-                    (sum as f32 * scale).round_ties_even().clamp(0.0, 255.0) as u8
-                };
             }
+        }
+        for (d, &sum) in out.data[dy * w * cn..(dy + 1) * w * cn]
+            .iter_mut()
+            .zip(&sums)
+        {
+            *d = if kx == 2 && ky == 2 {
+                ((sum + 2) >> 2) as u8
+            } else {
+                (sum as f32 * scale).round_ties_even().clamp(0.0, 255.0) as u8
+            };
         }
     }
     out
@@ -477,9 +594,14 @@ mod tests {
     #[test]
     fn area_of_flat_image_is_flat() {
         let p = Pixels::new(9, 7, 3, 200);
-        assert!(cv_area(&p, 4, 3).data.iter().all(|&v| v == 200));
         assert!(
-            cv_area(&Pixels::new(8, 8, 1, 7), 4, 4)
+            cv_area(&PadView::of(&p), 4, 3)
+                .data
+                .iter()
+                .all(|&v| v == 200)
+        );
+        assert!(
+            cv_area(&PadView::of(&Pixels::new(8, 8, 1, 7)), 4, 4)
                 .data
                 .iter()
                 .all(|&v| v == 7)
@@ -495,7 +617,7 @@ mod tests {
             data: vec![0, 0, 1, 1],
         };
         // (0+0+1+1+2)>>2 = 1, where float rounding of 0.5 would give 0.
-        assert_eq!(cv_area(&p, 1, 1).data, vec![1]);
+        assert_eq!(cv_area(&PadView::of(&p), 1, 1).data, vec![1]);
     }
 
     #[test]

@@ -321,7 +321,7 @@ fn with_cuda(
 ) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
     use ort::ep::{CUDA, ExecutionProvider};
     let ep = CUDA::default();
-    match ep.is_available() {
+    match CUDA::is_available() {
         Ok(true) => {}
         Ok(false) => {
             return Err(RuntimeError::Cuda(
@@ -331,7 +331,7 @@ fn with_cuda(
         Err(e) => return Err(RuntimeError::Cuda(e.to_string())),
     }
     b.with_execution_providers([ep.build().error_on_failure()])
-        .map_err(|e| RuntimeError::Cuda(ort::Error::from(e).to_string()))
+        .map_err(|e| RuntimeError::Cuda(ort::Error::<()>::from(e).to_string()))
 }
 
 #[cfg(not(feature = "cuda"))]
