@@ -8,4 +8,5 @@ pub mod cli;
 pub mod dataset;
 pub mod model;
 pub mod review;
+pub mod tag;
 pub mod util;

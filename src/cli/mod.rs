@@ -7,6 +7,7 @@ pub mod caption;
 pub mod config;
 pub mod prep;
 pub mod review;
+pub mod tag;
 pub mod tokens;
 
 #[derive(Debug, Parser)]
@@ -32,6 +33,13 @@ pub enum Command {
     Review(review::ReviewArgs),
     /// CLIP token ids and 75-token chunks of a prompt, or the token budget of captions.
     Tokens(tokens::TokensArgs),
+    /// Tag images with a DeepDanbooru or WD14 ONNX tagger (needs onnxruntime).
+    #[command(
+        after_help = "Example:\n  sdkit tag photos/ --model-dir wd-v1-4-convnext-tagger-v2/ --trigger ohwx --existing overwrite\n\n\
+ONNX Runtime is loaded at run time: set ORT_DYLIB_PATH, or `pip install onnxruntime==1.31.1`\n\
+into ./.venv or the active virtualenv."
+    )]
+    Tag(tag::TagArgs),
 }
 
 /// Parses argv, expanding `--config` recipes first.
@@ -47,5 +55,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Caption(a) => caption::run(a),
         Command::Review(a) => review::run(a),
         Command::Tokens(a) => tokens::run(a),
+        Command::Tag(a) => tag::run(a),
     }
 }

@@ -186,6 +186,43 @@ fn decode_jpeg_reduced(bytes: &[u8], reduction: u32) -> Option<Decoded> {
     })
 }
 
+/// An upright image in its decoded colour type, alpha kept as stored (not composited).
+#[derive(Debug)]
+pub struct DecodedAny {
+    pub image: DynamicImage,
+    /// EXIF orientation tag value (1 = as stored) that was applied.
+    pub orientation: u8,
+}
+
+/// Decodes a file keeping its colour type and alpha. See [`decode_bytes_any`].
+pub fn decode_file_any(path: &Path) -> Result<DecodedAny, DecodeError> {
+    let bytes = std::fs::read(path)?;
+    decode_bytes_any(&bytes)
+}
+
+/// Decodes encoded image bytes into an upright image without converting or
+/// compositing, for callers that must treat alpha exactly as a reference tool does
+/// (drop it, or blend it in a particular way).
+pub fn decode_bytes_any(bytes: &[u8]) -> Result<DecodedAny, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let mut dec = reader(bytes)?.into_decoder().map_err(classify)?;
+    let (w, h) = dec.dimensions();
+    if w as u64 * h as u64 > MAX_PIXELS {
+        return Err(DecodeError::TooLarge { w, h });
+    }
+    let orientation = dec
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(dec).map_err(classify)?;
+    image.apply_orientation(orientation);
+    Ok(DecodedAny {
+        image,
+        orientation: orientation.to_exif(),
+    })
+}
+
 fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, DecodeError> {
     let mut r = ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
     if r.format().is_none() {

@@ -1,0 +1,332 @@
+//! `sdkit tag` against the reference taggers, with the fixtures made by
+//! tests/fixtures/gen_tag_fixtures.py (webui DeepDanbooru and kohya WD14 preprocessing
+//! with Pillow/OpenCV, tiny ONNX models with the real input/output contracts, and the
+//! reference captions).
+//!
+//! Preprocessing tolerance: for lossless (PNG) sources the 8-bit model input equals
+//! the reference exactly; for the JPEG source every value is within 6 levels, at most
+//! 8% differ and the mean difference is at most 0.1 level (JPEG decoders differ).
+//! Scores within 2e-3 of onnxruntime's on the reference inputs. Captions: exact text.
+//!
+//! The inference tests need ONNX Runtime (see README "Tagging"). Without it they print
+//! a notice and pass locally; under CI (`CI` set) they fail instead.
+
+use sdkit::dataset::caption_io;
+use sdkit::dataset::decode::decode_file_any;
+use sdkit::tag::preprocess::{Kind, prepare};
+use sdkit::tag::select::{RatingPos, SortBy};
+use sdkit::tag::{Existing, KindArg, TagOptions};
+use std::path::{Path, PathBuf};
+
+const IMAGES: [&str; 5] = ["alpha.png", "grey.png", "wide.jpg", "tall.png", "tiny.png"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tag")
+}
+
+fn expected() -> serde_json::Value {
+    let t = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
+    serde_json::from_str(&t).unwrap()
+}
+
+fn check_preprocessing(kind: Kind, size: u32, prefix: &str) {
+    for name in IMAGES {
+        let img = decode_file_any(&fixtures().join("images").join(name)).unwrap();
+        let got = prepare(kind, img.image, size);
+        let stem = name.split('.').next().unwrap();
+        let want = image::open(fixtures().join(format!("ref/{prefix}_{stem}.png")))
+            .unwrap()
+            .into_rgb8();
+        assert_eq!((got.w, got.h), (size as usize, size as usize), "{name}");
+        let (mut max, mut differ, mut sum) = (0u8, 0usize, 0u64);
+        for (a, b) in got.data.iter().zip(want.as_raw()) {
+            let d = a.abs_diff(*b);
+            max = max.max(d);
+            differ += (d != 0) as usize;
+            sum += d as u64;
+        }
+        let n = got.data.len() as f64;
+        let (frac, mean) = (differ as f64 / n, sum as f64 / n);
+        let msg = format!(
+            "{prefix} {name}: max diff {max}, {:.3}% differ, mean {mean:.4}",
+            frac * 100.0
+        );
+        if name.ends_with(".png") {
+            // Lossless source: the resamplers are bit-exact.
+            assert_eq!(differ, 0, "{msg}");
+        } else {
+            // JPEG: the decoders (libjpeg-turbo in Pillow, zune-jpeg here) differ by a few
+            // levels in places; the preprocessing adds no further error.
+            assert!(max <= 6 && frac <= 0.08 && mean <= 0.1, "{msg}");
+        }
+    }
+}
+
+#[test]
+fn deepdanbooru_preprocessing_matches_webui() {
+    check_preprocessing(Kind::DeepDanbooru, 512, "dd");
+}
+
+#[test]
+fn wd14_preprocessing_matches_kohya() {
+    check_preprocessing(Kind::Wd14, 448, "wd14");
+}
+
+/// Whether onnxruntime can be found; in CI its absence is a failure.
+fn have_runtime() -> bool {
+    match sdkit::tag::runtime::find_dylib() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("CI must run the tagging tests: {e}");
+            }
+            eprintln!("NOTICE: skipping ONNX Runtime tests: {e}");
+            false
+        }
+    }
+}
+
+/// A temp folder with copies of the test images.
+fn image_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for n in IMAGES {
+        std::fs::copy(fixtures().join("images").join(n), d.path().join(n)).unwrap();
+    }
+    d
+}
+
+fn opts(dir: &Path, family: &str) -> TagOptions {
+    TagOptions {
+        dir: dir.to_path_buf(),
+        model_dir: Some(fixtures().join(family)),
+        quiet: true,
+        batch_size: 2,
+        ..TagOptions::default()
+    }
+}
+
+fn caption_of(dir: &Path, image: &str) -> String {
+    let p = caption_io::caption_path(&dir.join(image), ".txt");
+    caption_io::read_caption(&p).unwrap().unwrap().text
+}
+
+fn assert_captions(dir: &Path, want: &serde_json::Value, what: &str) {
+    for (i, name) in IMAGES.iter().enumerate() {
+        assert_eq!(
+            caption_of(dir, name),
+            want[i].as_str().unwrap(),
+            "{what}: {name}"
+        );
+    }
+}
+
+fn run_ok(o: &TagOptions) -> sdkit::tag::Report {
+    let r = sdkit::tag::run(o).unwrap();
+    assert_eq!(r.failed, 0, "{:?}", r.failures);
+    r
+}
+
+#[test]
+fn deepdanbooru_captions_match_webui() {
+    if !have_runtime() {
+        return;
+    }
+    let exp = expected();
+    let d = image_dir();
+    let mut o = opts(d.path(), "dd");
+    o.jsonl = Some(d.path().join("scores.jsonl"));
+    let r = run_ok(&o);
+    assert_eq!((r.tagged, r.images), (5, 5));
+    assert!(r.contract.starts_with("deepdanbooru"), "{}", r.contract);
+    assert_captions(d.path(), &exp["dd_captions"]["default"], "dd default");
+    // Scores in the JSONL agree with onnxruntime on the reference inputs.
+    let lines = std::fs::read_to_string(d.path().join("scores.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    let tags: Vec<&str> = include_str!("fixtures/tag/dd/tags.txt").lines().collect();
+    for l in &lines {
+        let file = Path::new(l["image"].as_str().unwrap()).file_name().unwrap();
+        let i = IMAGES.iter().position(|n| file == *n).unwrap();
+        assert_eq!(l["caption"], exp["dd_captions"]["default"][i]);
+        for t in l["tags"].as_array().unwrap() {
+            let tag = t["tag"].as_str().unwrap();
+            let idx = tags
+                .iter()
+                .position(|x| sdkit::tag::select::escape_brackets(&x.replace('_', " ")) == tag)
+                .unwrap();
+            let want = exp["dd_scores"][i][idx].as_f64().unwrap();
+            let got = t["score"].as_f64().unwrap();
+            assert!((want - got).abs() < 2e-3, "{tag}: {got} vs {want}");
+        }
+    }
+    let d = image_dir();
+    let mut o = opts(d.path(), "dd");
+    o.sort = Some(SortBy::Score);
+    o.exclude = vec!["solo".into()];
+    run_ok(&o);
+    assert_captions(
+        d.path(),
+        &exp["dd_captions"]["sort-score-exclude-solo"],
+        "dd by score",
+    );
+}
+
+#[test]
+fn wd14_captions_match_kohya_and_mcut() {
+    if !have_runtime() {
+        return;
+    }
+    let exp = expected();
+    let d = image_dir();
+    let r = run_ok(&opts(d.path(), "wd14"));
+    assert!(
+        r.contract.starts_with("wd14: [N, 448, 448, 3]"),
+        "{}",
+        r.contract
+    );
+    assert_captions(d.path(), &exp["wd14_captions"]["default"], "wd14 default");
+
+    let d = image_dir();
+    let mut o = opts(d.path(), "wd14");
+    o.rating = RatingPos::First;
+    o.character_first = true;
+    o.general_threshold = Some(0.5);
+    o.batch_size = 8;
+    run_ok(&o);
+    assert_captions(
+        d.path(),
+        &exp["wd14_captions"]["rating-first-character-first-general-0.5"],
+        "wd14 rating/character first",
+    );
+
+    let d = image_dir();
+    let mut o = opts(d.path(), "wd14");
+    o.mcut = true;
+    o.sort = Some(SortBy::Score);
+    o.escape = Some(true);
+    o.exclude = vec![
+        "hatsune_miku,kirisame_marisa".into(),
+        "hakurei reimu".into(),
+    ];
+    o.batch_size = 1;
+    run_ok(&o);
+    assert_captions(
+        d.path(),
+        &exp["wd14_captions"]["mcut-score-escape-no-characters"],
+        "wd14 mcut",
+    );
+}
+
+#[test]
+fn existing_captions_modes_and_trigger() {
+    if !have_runtime() {
+        return;
+    }
+    let exp = expected();
+    let want0 = exp["wd14_captions"]["default"][0].as_str().unwrap();
+    let d = image_dir();
+    let cap = d.path().join("alpha.txt");
+    // skip (default): an existing caption is left byte for byte.
+    std::fs::write(&cap, "\u{feff}mine, solo\r\nsecond line\r\n").unwrap();
+    let r = run_ok(&opts(d.path(), "wd14"));
+    assert_eq!((r.skipped, r.tagged), (1, 4));
+    assert_eq!(
+        std::fs::read_to_string(&cap).unwrap(),
+        "\u{feff}mine, solo\r\nsecond line\r\n"
+    );
+    // append: existing tags first, no duplicates, BOM/CRLF/rest kept.
+    let mut o = opts(d.path(), "wd14");
+    o.existing = Existing::Append;
+    o.trigger = vec!["ohwx".into()];
+    run_ok(&o);
+    let new: Vec<&str> = want0.split(", ").filter(|t| *t != "solo").collect();
+    let text = format!("ohwx, mine, solo, {}", new.join(", "));
+    assert_eq!(
+        std::fs::read_to_string(&cap).unwrap(),
+        format!("\u{feff}{text}\r\nsecond line\r\n")
+    );
+    // prepend: new tags first; overwrite: only the new tags.
+    std::fs::write(&cap, "mine").unwrap();
+    o.existing = Existing::Prepend;
+    o.trigger.clear();
+    run_ok(&o);
+    assert_eq!(caption_of(d.path(), "alpha.png"), format!("{want0}, mine"));
+    o.existing = Existing::Overwrite;
+    run_ok(&o);
+    assert_eq!(caption_of(d.path(), "alpha.png"), want0);
+    // --out-dir leaves the image folder alone.
+    let out = tempfile::tempdir().unwrap();
+    let d2 = image_dir();
+    let mut o = opts(d2.path(), "wd14");
+    o.out_dir = Some(out.path().join("caps"));
+    run_ok(&o);
+    assert_eq!(std::fs::read_dir(d2.path()).unwrap().count(), 5);
+    assert_eq!(caption_of(&out.path().join("caps"), "alpha.png"), want0);
+}
+
+#[test]
+fn corrupt_images_are_reported_and_skipped() {
+    if !have_runtime() {
+        return;
+    }
+    let d = image_dir();
+    std::fs::write(d.path().join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    std::fs::write(d.path().join("empty.jpg"), b"").unwrap();
+    let r = sdkit::tag::run(&opts(d.path(), "dd")).unwrap();
+    assert_eq!((r.tagged, r.failed, r.images), (5, 2, 7));
+    assert!(r.failures[0].file.ends_with("broken.png"));
+    assert!(!d.path().join("broken.txt").exists());
+    // The binary exits 1 and names the file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdkit"))
+        .args([
+            "tag",
+            "--quiet",
+            "--json",
+            "--existing",
+            "overwrite",
+            "--model-dir",
+        ])
+        .arg(fixtures().join("dd"))
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("empty.jpg: empty file"), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["tagged"], 5);
+}
+
+#[test]
+fn wrong_labels_and_shapes_are_clear_errors() {
+    if !have_runtime() {
+        return;
+    }
+    let d = image_dir();
+    // DeepDanbooru labels with the WD14 model: counts differ.
+    let mut o = opts(d.path(), "wd14");
+    o.model_dir = None;
+    o.model = Some(fixtures().join("wd14/model.onnx"));
+    o.labels = Some(fixtures().join("dd/tags.txt"));
+    o.kind = KindArg::Wd14;
+    let e = sdkit::tag::run(&o).unwrap_err().to_string();
+    assert!(e.contains("14 labels but the model"), "{e}");
+    assert!(e.contains("outputs 19 scores"), "{e}");
+    // A file that is not an ONNX model.
+    let bad = d.path().join("bad.onnx");
+    std::fs::write(&bad, b"nope").unwrap();
+    o.model = Some(bad);
+    o.labels = Some(fixtures().join("wd14/selected_tags.csv"));
+    let e = sdkit::tag::run(&o).unwrap_err().to_string();
+    assert!(e.contains("bad.onnx: cannot load model"), "{e}");
+    // CUDA asked for but not available (CPU onnxruntime, or built without `cuda`).
+    let mut o = opts(d.path(), "wd14");
+    o.device = sdkit::tag::runtime::Device::Cuda;
+    let e = sdkit::tag::run(&o).unwrap_err().to_string();
+    assert!(e.contains("CUDA execution provider unavailable"), "{e}");
+    // Nothing was written.
+    assert!(!d.path().join("alpha.txt").exists());
+}
