@@ -714,7 +714,10 @@ fn records_for(
                 .caption
                 .as_ref()
                 .map(|_| join_rel(dir, &output_name(job, &p, &ctx.opts.out_caption_ext)));
-            let mask = ctx.opts.save_masks.then(|| crate::matte::masks::mask_path(&path));
+            let mask = ctx
+                .opts
+                .save_masks
+                .then(|| crate::matte::masks::mask_path(&path));
             let rec = OutputRecord {
                 path,
                 size: p.size,
