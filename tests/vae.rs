@@ -39,12 +39,14 @@ fn tiny_vae_encode_decode_match_diffusers() {
     let post = vae.encode(&exp["image"]).unwrap();
     for (name, got) in [("mean", &post.mean), ("logvar", &post.logvar)] {
         let e = rel_err(got, &exp[name]);
+        eprintln!("encode {name}: rel err {e:.1e}");
         assert!(e < 1e-4, "encode {name}: rel err {e}");
     }
     let e = rel_err(&post.sample(&exp["noise"]).unwrap(), &exp["sample"]);
     assert!(e < 1e-4, "posterior sample: rel err {e}");
 
     let e = rel_err(&vae.decode(&exp["z"]).unwrap(), &exp["decoded_z"]);
+    eprintln!("decode: rel err {e:.1e}");
     assert!(e < 1e-4, "decode: rel err {e}");
     let e = rel_err(&vae.decode(post.mode()).unwrap(), &exp["decoded_mean"]);
     assert!(e < 1e-4, "decode(mean): rel err {e}");

@@ -93,26 +93,3 @@ pub fn karras_grid(s: &DdpmSchedule, n: usize) -> (Vec<f64>, Vec<f32>) {
     sigmas.push(0.0);
     (ts, sigmas)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sigma_to_t_inverts_the_training_sigmas() {
-        let s = DdpmSchedule::default();
-        let full = s.sigmas();
-        let logs: Vec<f64> = full.iter().map(|x| x.ln()).collect();
-        for t in [0usize, 1, 400, 998, 999] {
-            assert!((sigma_to_t(full[t], &logs) - t as f64).abs() < 1e-9, "t {t}");
-        }
-        assert_eq!(sigma_to_t(1e-6, &logs), 0.0);
-        assert_eq!(sigma_to_t(1e6, &logs), 999.0);
-    }
-
-    #[test]
-    fn ddim_grid_is_leading_with_offset_one() {
-        assert_eq!(ddim_timesteps(1000, 4), vec![751, 501, 251, 1]);
-        assert_eq!(ddim_timesteps(1000, 1), vec![1]);
-    }
-}
