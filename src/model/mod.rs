@@ -16,8 +16,8 @@ pub mod rng;
 pub mod samplers;
 pub mod schedule;
 pub mod tokenizer;
-pub mod weights;
 pub mod vae;
+pub mod weights;
 
 pub use clean::clean as clean_text;
 pub use tokenizer::{BOS, ClipTokenizer, EOS};
