@@ -12,7 +12,11 @@ pub mod clip;
 mod html;
 pub mod nn;
 pub mod prompt;
+pub mod rng;
+pub mod samplers;
+pub mod schedule;
 pub mod tokenizer;
+pub mod vae;
 pub mod weights;
 
 pub use clean::clean as clean_text;
