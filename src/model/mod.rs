@@ -13,6 +13,7 @@ mod html;
 pub mod nn;
 pub mod prompt;
 pub mod tokenizer;
+pub mod unet;
 pub mod weights;
 
 pub use clean::clean as clean_text;
