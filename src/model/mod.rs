@@ -17,6 +17,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod prompt;
 pub mod tokenizer;
+pub mod unet;
 pub mod weights;
 
 pub use clean::clean as clean_text;
