@@ -16,8 +16,12 @@ pub mod loader;
 pub mod nn;
 pub mod pipeline;
 pub mod prompt;
+pub mod rng;
+pub mod samplers;
+pub mod schedule;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use clean::clean as clean_text;
