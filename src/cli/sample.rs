@@ -223,8 +223,14 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         };
         let path = a.out.join(format!("{index:05}-{seed}.png"));
         index += 1;
-        png_params::write_png(&path, &rgb, a.width as u32, a.height as u32, &params.to_infotext())
-            .with_context(|| format!("{}: cannot write", path.display()))?;
+        png_params::write_png(
+            &path,
+            &rgb,
+            a.width as u32,
+            a.height as u32,
+            &params.to_infotext(),
+        )
+        .with_context(|| format!("{}: cannot write", path.display()))?;
         images.push(path);
         seeds.push(seed);
     }

@@ -156,7 +156,8 @@ pub fn parse(text: &str) -> Infotext {
         target.push_str(line);
     }
     for c in re_param().captures_iter(last) {
-        out.params.push((c[1].trim().to_string(), unquote(c[2].trim())));
+        out.params
+            .push((c[1].trim().to_string(), unquote(c[2].trim())));
     }
     out
 }
@@ -208,10 +209,18 @@ pub fn read_parameters(path: &Path) -> io::Result<Option<String>> {
     let dec = png::Decoder::new(file);
     let reader = dec.read_info().map_err(io::Error::other)?;
     let info = reader.info();
-    if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == KEY) {
+    if let Some(t) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == KEY)
+    {
         return Ok(Some(t.text.clone()));
     }
-    if let Some(t) = info.compressed_latin1_text.iter().find(|t| t.keyword == KEY) {
+    if let Some(t) = info
+        .compressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == KEY)
+    {
         return t.get_text().map(Some).map_err(io::Error::other);
     }
     if let Some(t) = info.utf8_text.iter().find(|t| t.keyword == KEY) {
@@ -284,7 +293,10 @@ mod tests {
     fn png_chunk_round_trips_latin1_and_utf8() {
         let dir = tempfile::tempdir().unwrap();
         let rgb: Vec<u8> = (0..4 * 3 * 3).map(|i| i as u8).collect();
-        for text in ["café, 1girl\nSteps: 1, Sampler: DDIM, CFG scale: 7", "猫, 1girl\nSteps: 1"] {
+        for text in [
+            "café, 1girl\nSteps: 1, Sampler: DDIM, CFG scale: 7",
+            "猫, 1girl\nSteps: 1",
+        ] {
             let path = dir.path().join("a.png");
             write_png(&path, &rgb, 4, 3, text).unwrap();
             assert_eq!(read_parameters(&path).unwrap().as_deref(), Some(text));

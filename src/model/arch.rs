@@ -122,15 +122,24 @@ fn err(w: &Weights, reason: String) -> ModelError {
 
 fn dim(w: &Weights, key: &str, i: usize) -> Result<usize> {
     let s = w.shape_of(key)?;
-    s.get(i)
-        .copied()
-        .ok_or_else(|| err(w, format!("tensor `{key}` has shape {s:?}, expected rank > {i}")))
+    s.get(i).copied().ok_or_else(|| {
+        err(
+            w,
+            format!("tensor `{key}` has shape {s:?}, expected rank > {i}"),
+        )
+    })
 }
 
 /// Largest `N + 1` over keys `{prefix}N.…`.
 pub fn count_indexed(w: &Weights, prefix: &str) -> usize {
     w.keys()
-        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .map(|i| i + 1)
         .max()
         .unwrap_or(0)
@@ -158,7 +167,10 @@ pub fn infer_unet(w: &Weights, heads: Option<Vec<usize>>, arch: Arch) -> Result<
     let proj_in = w.shape_of(&format!("{first}proj_in.weight"))?;
     let heads = heads.unwrap_or_else(|| default_heads(arch, &block_out_channels));
     if heads.len() != n || heads.contains(&0) {
-        return Err(err(w, format!("bad attention heads {heads:?} for {n} blocks")));
+        return Err(err(
+            w,
+            format!("bad attention heads {heads:?} for {n} blocks"),
+        ));
     }
     Ok(UNetParams {
         in_channels: dim(w, "conv_in.weight", 1)?,
@@ -185,7 +197,13 @@ pub fn infer_vae(w: &Weights, scaling_factor: f64) -> Result<VaeParams> {
         return Err(err(w, "no VAE encoder.down_blocks found".into()));
     }
     let block_out_channels = (0..n)
-        .map(|b| dim(w, &format!("encoder.down_blocks.{b}.resnets.0.conv2.weight"), 0))
+        .map(|b| {
+            dim(
+                w,
+                &format!("encoder.down_blocks.{b}.resnets.0.conv2.weight"),
+                0,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(VaeParams {
         in_channels: dim(w, "encoder.conv_in.weight", 1)?,
@@ -284,14 +302,32 @@ pub fn unet_keys(u: &UNetParams) -> Keys {
     for b in 0..n {
         let o = ch[b];
         for l in 0..u.layers_per_block {
-            let i = if l > 0 { o } else if b > 0 { ch[b - 1] } else { ch[0] };
-            push_resnet(&mut out, &format!("down_blocks.{b}.resnets.{l}"), i, o, Some(temb));
+            let i = if l > 0 {
+                o
+            } else if b > 0 {
+                ch[b - 1]
+            } else {
+                ch[0]
+            };
+            push_resnet(
+                &mut out,
+                &format!("down_blocks.{b}.resnets.{l}"),
+                i,
+                o,
+                Some(temb),
+            );
             if u.cross_attention[b] {
                 push_transformer(&mut out, &format!("down_blocks.{b}.attentions.{l}"), o, u);
             }
         }
         if b + 1 < n {
-            push_conv(&mut out, &format!("down_blocks.{b}.downsamplers.0.conv"), o, o, 3);
+            push_conv(
+                &mut out,
+                &format!("down_blocks.{b}.downsamplers.0.conv"),
+                o,
+                o,
+                3,
+            );
         }
     }
     let last = ch[n - 1];
@@ -314,7 +350,13 @@ pub fn unet_keys(u: &UNetParams) -> Keys {
             }
         }
         if ub + 1 < n {
-            push_conv(&mut out, &format!("up_blocks.{ub}.upsamplers.0.conv"), o, o, 3);
+            push_conv(
+                &mut out,
+                &format!("up_blocks.{ub}.upsamplers.0.conv"),
+                o,
+                o,
+                3,
+            );
         }
     }
     push_norm(&mut out, "conv_norm_out", ch[0]);
@@ -341,7 +383,13 @@ pub fn vae_keys(v: &VaeParams) -> Keys {
     push_conv(&mut out, "encoder.conv_in", v.in_channels, ch[0], 3);
     for b in 0..n {
         for l in 0..v.layers_per_block {
-            let i = if l > 0 { ch[b] } else if b > 0 { ch[b - 1] } else { ch[0] };
+            let i = if l > 0 {
+                ch[b]
+            } else if b > 0 {
+                ch[b - 1]
+            } else {
+                ch[0]
+            };
             let p = format!("encoder.down_blocks.{b}.resnets.{l}");
             push_resnet(&mut out, &p, i, ch[b], None);
         }
@@ -409,7 +457,10 @@ pub fn check_keys(w: &Weights, what: &str, expected: &Keys) -> Result<()> {
     let want: std::collections::HashMap<&str, &Vec<usize>> =
         expected.iter().map(|(k, s)| (k.as_str(), s)).collect();
     let mut missing: Vec<&str> = want.keys().copied().filter(|k| !w.contains(k)).collect();
-    let mut unexpected: Vec<&String> = w.keys().filter(|k| !want.contains_key(k.as_str())).collect();
+    let mut unexpected: Vec<&String> = w
+        .keys()
+        .filter(|k| !want.contains_key(k.as_str()))
+        .collect();
     let mut shapes: Vec<String> = Vec::new();
     for (k, s) in expected {
         if let Ok(found) = w.shape_of(k) {
@@ -448,7 +499,17 @@ pub fn check_keys(w: &Weights, what: &str, expected: &Keys) -> Result<()> {
         ));
     }
     if !shapes.is_empty() {
-        parts.push(format!("{} with wrong shape: {}", shapes.len(), list(shapes)));
+        parts.push(format!(
+            "{} with wrong shape: {}",
+            shapes.len(),
+            list(shapes)
+        ));
     }
-    Err(err(w, format!("{what} tensors do not match its config: {}", parts.join("; "))))
+    Err(err(
+        w,
+        format!(
+            "{what} tensors do not match its config: {}",
+            parts.join("; ")
+        ),
+    ))
 }

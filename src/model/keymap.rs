@@ -242,24 +242,54 @@ mod tests {
         let cases = [
             ("time_embed.0.weight", "time_embedding.linear_1.weight"),
             ("input_blocks.0.0.bias", "conv_in.bias"),
-            ("input_blocks.1.0.in_layers.0.weight", "down_blocks.0.resnets.0.norm1.weight"),
-            ("input_blocks.2.1.proj_in.weight", "down_blocks.0.attentions.1.proj_in.weight"),
-            ("input_blocks.3.0.op.weight", "down_blocks.0.downsamplers.0.conv.weight"),
+            (
+                "input_blocks.1.0.in_layers.0.weight",
+                "down_blocks.0.resnets.0.norm1.weight",
+            ),
+            (
+                "input_blocks.2.1.proj_in.weight",
+                "down_blocks.0.attentions.1.proj_in.weight",
+            ),
+            (
+                "input_blocks.3.0.op.weight",
+                "down_blocks.0.downsamplers.0.conv.weight",
+            ),
             (
                 "input_blocks.4.0.skip_connection.bias",
                 "down_blocks.1.resnets.0.conv_shortcut.bias",
             ),
-            ("input_blocks.11.0.out_layers.3.weight", "down_blocks.3.resnets.1.conv2.weight"),
-            ("middle_block.0.emb_layers.1.weight", "mid_block.resnets.0.time_emb_proj.weight"),
+            (
+                "input_blocks.11.0.out_layers.3.weight",
+                "down_blocks.3.resnets.1.conv2.weight",
+            ),
+            (
+                "middle_block.0.emb_layers.1.weight",
+                "mid_block.resnets.0.time_emb_proj.weight",
+            ),
             (
                 "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
                 "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
             ),
-            ("middle_block.2.in_layers.2.bias", "mid_block.resnets.1.conv1.bias"),
-            ("output_blocks.2.1.conv.weight", "up_blocks.0.upsamplers.0.conv.weight"),
-            ("output_blocks.5.2.conv.bias", "up_blocks.1.upsamplers.0.conv.bias"),
-            ("output_blocks.5.1.norm.weight", "up_blocks.1.attentions.2.norm.weight"),
-            ("output_blocks.11.0.skip_connection.weight", "up_blocks.3.resnets.2.conv_shortcut.weight"),
+            (
+                "middle_block.2.in_layers.2.bias",
+                "mid_block.resnets.1.conv1.bias",
+            ),
+            (
+                "output_blocks.2.1.conv.weight",
+                "up_blocks.0.upsamplers.0.conv.weight",
+            ),
+            (
+                "output_blocks.5.2.conv.bias",
+                "up_blocks.1.upsamplers.0.conv.bias",
+            ),
+            (
+                "output_blocks.5.1.norm.weight",
+                "up_blocks.1.attentions.2.norm.weight",
+            ),
+            (
+                "output_blocks.11.0.skip_connection.weight",
+                "up_blocks.3.resnets.2.conv_shortcut.weight",
+            ),
             ("out.0.weight", "conv_norm_out.weight"),
             ("out.2.bias", "conv_out.bias"),
         ];
@@ -273,14 +303,38 @@ mod tests {
     #[test]
     fn vae_names_follow_diffusers() {
         let cases = [
-            ("encoder.down.1.block.0.nin_shortcut.weight", "encoder.down_blocks.1.resnets.0.conv_shortcut.weight"),
-            ("encoder.down.0.downsample.conv.bias", "encoder.down_blocks.0.downsamplers.0.conv.bias"),
-            ("decoder.up.3.block.2.conv1.weight", "decoder.up_blocks.0.resnets.2.conv1.weight"),
-            ("decoder.up.1.upsample.conv.weight", "decoder.up_blocks.2.upsamplers.0.conv.weight"),
-            ("encoder.mid.block_2.norm1.bias", "encoder.mid_block.resnets.1.norm1.bias"),
-            ("decoder.mid.attn_1.proj_out.weight", "decoder.mid_block.attentions.0.to_out.0.weight"),
-            ("decoder.mid.attn_1.norm.bias", "decoder.mid_block.attentions.0.group_norm.bias"),
-            ("decoder.mid.attn_1.q.weight", "decoder.mid_block.attentions.0.to_q.weight"),
+            (
+                "encoder.down.1.block.0.nin_shortcut.weight",
+                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+            ),
+            (
+                "encoder.down.0.downsample.conv.bias",
+                "encoder.down_blocks.0.downsamplers.0.conv.bias",
+            ),
+            (
+                "decoder.up.3.block.2.conv1.weight",
+                "decoder.up_blocks.0.resnets.2.conv1.weight",
+            ),
+            (
+                "decoder.up.1.upsample.conv.weight",
+                "decoder.up_blocks.2.upsamplers.0.conv.weight",
+            ),
+            (
+                "encoder.mid.block_2.norm1.bias",
+                "encoder.mid_block.resnets.1.norm1.bias",
+            ),
+            (
+                "decoder.mid.attn_1.proj_out.weight",
+                "decoder.mid_block.attentions.0.to_out.0.weight",
+            ),
+            (
+                "decoder.mid.attn_1.norm.bias",
+                "decoder.mid_block.attentions.0.group_norm.bias",
+            ),
+            (
+                "decoder.mid.attn_1.q.weight",
+                "decoder.mid_block.attentions.0.to_q.weight",
+            ),
             ("encoder.norm_out.weight", "encoder.conv_norm_out.weight"),
             ("decoder.conv_out.bias", "decoder.conv_out.bias"),
             ("post_quant_conv.weight", "post_quant_conv.weight"),
@@ -297,11 +351,17 @@ mod tests {
 
     #[test]
     fn layers_per_block_from_names() {
-        let keys = ["input_blocks.1.0.x", "input_blocks.3.0.op.weight", "input_blocks.6.0.op.bias"];
+        let keys = [
+            "input_blocks.1.0.x",
+            "input_blocks.3.0.op.weight",
+            "input_blocks.6.0.op.bias",
+        ];
         assert_eq!(ldm_unet_layers_per_block(keys.into_iter()), Some(2));
         let keys = ["input_blocks.2.0.op.weight", "input_blocks.4.0.op.weight"];
         assert_eq!(ldm_unet_layers_per_block(keys.into_iter()), Some(1));
-        assert_eq!(clip_from_ldm("encoder.layers.0.mlp.fc1.weight").as_deref(),
-                   Some("text_model.encoder.layers.0.mlp.fc1.weight"));
+        assert_eq!(
+            clip_from_ldm("encoder.layers.0.mlp.fc1.weight").as_deref(),
+            Some("text_model.encoder.layers.0.mlp.fc1.weight")
+        );
     }
 }

@@ -159,9 +159,11 @@ pub fn detect_single_file<'a>(
 ) -> std::result::Result<Arch, String> {
     let has = |p: &str| keys.clone().any(|k| k.starts_with(p));
     if has(LDM_SDXL) {
-        return Err("SDXL checkpoint (conditioner.embedders.* keys): sdkit loads SD 1.x and \
+        return Err(
+            "SDXL checkpoint (conditioner.embedders.* keys): sdkit loads SD 1.x and \
                     2.x models only for now"
-            .into());
+                .into(),
+        );
     }
     if !has(&format!("{LDM_UNET}input_blocks.")) {
         return Err("not a Stable Diffusion 1.x/2.x checkpoint (no \
@@ -191,10 +193,9 @@ pub fn from_tensors(
 ) -> Result<Checkpoint> {
     let arch = detect_single_file(tensors.keys()).map_err(|r| fail(path, r))?;
     let side = read_sidecar(path)?;
-    let unet_layers = keymap::ldm_unet_layers_per_block(
-        tensors.keys().filter_map(|k| k.strip_prefix(LDM_UNET)),
-    )
-    .ok_or_else(|| fail(path, "cannot find the UNet's input blocks"))?;
+    let unet_layers =
+        keymap::ldm_unet_layers_per_block(tensors.keys().filter_map(|k| k.strip_prefix(LDM_UNET)))
+            .ok_or_else(|| fail(path, "cannot find the UNet's input blocks"))?;
     let vae_blocks = tensors
         .keys()
         .filter_map(|k| k.strip_prefix(LDM_VAE)?.strip_prefix("encoder.down."))
@@ -203,8 +204,12 @@ pub fn from_tensors(
         .map_or(0, |i| i + 1);
 
     let source = path.display().to_string();
-    let (mut unet, mut vae, mut text, mut sd2_text) =
-        (HashMap::new(), HashMap::new(), HashMap::new(), HashMap::new());
+    let (mut unet, mut vae, mut text, mut sd2_text) = (
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+    );
     let mut unknown = Vec::new();
     for (key, t) in tensors {
         if keymap::ignored(&key) {
@@ -375,7 +380,9 @@ fn open_diffusers(dir: &Path, opts: &LoadOptions) -> Result<Checkpoint> {
     if class.contains("XL") || index.get("text_encoder_2").is_some() {
         return Err(fail(
             dir,
-            format!("SDXL pipeline ({class}, text_encoder_2): sdkit loads SD 1.x and 2.x models only for now"),
+            format!(
+                "SDXL pipeline ({class}, text_encoder_2): sdkit loads SD 1.x and 2.x models only for now"
+            ),
         ));
     }
     let unet_cfg = read_json(&dir.join("unet/config.json"))?;
@@ -422,7 +429,10 @@ fn open_diffusers(dir: &Path, opts: &LoadOptions) -> Result<Checkpoint> {
         prediction: opts.prediction.unwrap_or(folder_prediction),
         unet: arch::infer_unet(&unet, heads, arch)?,
         vae: arch::infer_vae(&vae, vae_cfg["scaling_factor"].as_f64().unwrap_or(0.18215))?,
-        text: arch::infer_text(&text, te_cfg["num_attention_heads"].as_u64().map(|h| h as usize))?,
+        text: arch::infer_text(
+            &text,
+            te_cfg["num_attention_heads"].as_u64().map(|h| h as usize),
+        )?,
     };
     finish(dir, info, unet, vae, text)
 }

@@ -115,13 +115,28 @@ pub struct Models {
 
 /// diffusers' UNetConfig for parameters read from a checkpoint.
 pub fn unet_config(p: &UNetParams) -> UNetConfig {
-    let down = |a: bool| if a { "CrossAttnDownBlock2D" } else { "DownBlock2D" };
+    let down = |a: bool| {
+        if a {
+            "CrossAttnDownBlock2D"
+        } else {
+            "DownBlock2D"
+        }
+    };
     let up = |a: bool| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" };
     UNetConfig {
         in_channels: p.in_channels,
         out_channels: p.out_channels,
-        down_block_types: p.cross_attention.iter().map(|&a| down(a).to_string()).collect(),
-        up_block_types: p.cross_attention.iter().rev().map(|&a| up(a).to_string()).collect(),
+        down_block_types: p
+            .cross_attention
+            .iter()
+            .map(|&a| down(a).to_string())
+            .collect(),
+        up_block_types: p
+            .cross_attention
+            .iter()
+            .rev()
+            .map(|&a| up(a).to_string())
+            .collect(),
         block_out_channels: p.block_out_channels.clone(),
         layers_per_block: p.layers_per_block,
         attention_head_dim: PerBlock::Each(p.heads.clone()),
@@ -162,8 +177,11 @@ impl Models {
                 ),
             });
         }
-        let clip =
-            ClipTextModel::load_hf(&mut ck.text_encoder, info.arch.clip_kind(), Some(info.text.heads))?;
+        let clip = ClipTextModel::load_hf(
+            &mut ck.text_encoder,
+            info.arch.clip_kind(),
+            Some(info.text.heads),
+        )?;
         let unet = UNet2DConditionModel::load(&mut ck.unet, &unet_config(&info.unet))?;
         let vae = AutoencoderKL::load(&mut ck.vae, &vae_config(&info.vae))?;
         Ok(Self {
@@ -236,7 +254,11 @@ impl Models {
     }
 
     /// Latent shape for an image size.
-    pub fn latent_shape(&self, width: usize, height: usize) -> Result<(usize, usize, usize, usize)> {
+    pub fn latent_shape(
+        &self,
+        width: usize,
+        height: usize,
+    ) -> Result<(usize, usize, usize, usize)> {
         let f = self.info.vae.scale_factor();
         if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
             return Err(ModelError::Format {
@@ -257,14 +279,21 @@ impl SeededNoise {
         Self(TorchRng::new(seed))
     }
 
-    pub fn latent(&mut self, shape: (usize, usize, usize, usize), device: &Device) -> Result<Tensor> {
+    pub fn latent(
+        &mut self,
+        shape: (usize, usize, usize, usize),
+        device: &Device,
+    ) -> Result<Tensor> {
         self.0.randn(&[shape.0, shape.1, shape.2, shape.3], device)
     }
 }
 
 impl NoiseSource for SeededNoise {
     fn noise(&mut self, like: &Tensor) -> Result<Tensor> {
-        Ok(self.0.randn(like.dims(), like.device())?.to_dtype(like.dtype())?)
+        Ok(self
+            .0
+            .randn(like.dims(), like.device())?
+            .to_dtype(like.dtype())?)
     }
 }
 
