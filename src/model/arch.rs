@@ -164,7 +164,14 @@ pub fn infer_unet(w: &Weights, heads: Option<Vec<usize>>, arch: Arch) -> Result<
             None => "mid_block".into(),
         }
     );
-    let proj_in = w.shape_of(&format!("{first}proj_in.weight"))?;
+    // conv (4-D) or linear (2-D) projections; any one tells, so a missing one is reported
+    // by the key check rather than here
+    let use_linear_projection = w
+        .keys()
+        .find(|k| k.ends_with(".proj_in.weight") || k.ends_with(".proj_out.weight"))
+        .map(|k| w.shape_of(k).map(|s| s.len() == 2))
+        .transpose()?
+        .unwrap_or(false);
     let heads = heads.unwrap_or_else(|| default_heads(arch, &block_out_channels));
     if heads.len() != n || heads.contains(&0) {
         return Err(err(
@@ -182,7 +189,7 @@ pub fn infer_unet(w: &Weights, heads: Option<Vec<usize>>, arch: Arch) -> Result<
             &format!("{first}transformer_blocks.0.attn2.to_k.weight"),
             1,
         )?,
-        use_linear_projection: proj_in.len() == 2,
+        use_linear_projection,
         heads,
         block_out_channels,
         cross_attention,
