@@ -15,14 +15,23 @@ fn expected() -> HashMap<String, Tensor> {
 }
 
 fn vec_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// max |a - b| / max(max |b|, 1e-3).
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
     let (a, b) = (vec_f64(a), vec_f64(b));
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     d / b.iter().map(|x| x.abs()).fold(1e-3, f64::max)
 }
 
@@ -86,7 +95,11 @@ fn timesteps_and_sigmas_match_diffusers() {
             }
             let want = vec_f64(&exp[&format!("{key}.init_noise_sigma")])[0];
             let e = (s.init_noise_sigma() - want).abs() / want;
-            assert!(e < 1e-6, "{key} init_noise_sigma {} vs {want}", s.init_noise_sigma());
+            assert!(
+                e < 1e-6,
+                "{key} init_noise_sigma {} vs {want}",
+                s.init_noise_sigma()
+            );
         }
     }
 }
@@ -148,7 +161,12 @@ fn sampler_names_parse() {
         "dpmpp_2m_karras".parse::<SamplerKind>().unwrap(),
         SamplerKind::DpmPp2mKarras
     );
-    assert!("Euler".parse::<SamplerKind>().unwrap_err().contains("unknown sampler"));
+    assert!(
+        "Euler"
+            .parse::<SamplerKind>()
+            .unwrap_err()
+            .contains("unknown sampler")
+    );
     let sched = DdpmSchedule::default();
     assert!(Sampler::new(SamplerKind::Ddim, 0, Prediction::Epsilon, &sched).is_err());
 }
@@ -175,10 +193,21 @@ fn randn_matches_torch_cpu() {
         let mut g = TorchRng::new(seed);
         let seq: Vec<f32> = [g.randn_vec(3), g.randn_vec(20), g.randn_vec(5)].concat();
         let seq = Tensor::new(seq, &dev).unwrap();
-        close(&seq, &exp[&format!("rng.{seed}.seq")], "continued generator");
+        close(
+            &seq,
+            &exp[&format!("rng.{seed}.seq")],
+            "continued generator",
+        );
     }
-    let big = randn(1234, &[1, 4, 64, 64], &dev).unwrap().flatten_all().unwrap();
-    close(&big.narrow(0, 0, 256).unwrap(), &exp["rng.1234.big_head"], "latent head");
+    let big = randn(1234, &[1, 4, 64, 64], &dev)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    close(
+        &big.narrow(0, 0, 256).unwrap(),
+        &exp["rng.1234.big_head"],
+        "latent head",
+    );
     close(
         &big.narrow(0, 16384 - 256, 256).unwrap(),
         &exp["rng.1234.big_tail"],

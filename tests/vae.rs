@@ -14,8 +14,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("tiny_vae_expected.safetensors"), &Device::Cpu)
-        .unwrap()
+    candle_core::safetensors::load(fixture("tiny_vae_expected.safetensors"), &Device::Cpu).unwrap()
 }
 
 /// max |a - b| / max(max |b|, 1e-3).
@@ -134,7 +133,10 @@ fn image_tensor_round_trip() {
         .unwrap()
         .reshape((1, 3, 1, 1))
         .unwrap();
-    assert_eq!(tensor_to_images(&t).unwrap()[0].get_pixel(0, 0).0, [255, 0, 128]);
+    assert_eq!(
+        tensor_to_images(&t).unwrap()[0].get_pixel(0, 0).0,
+        [255, 0, 128]
+    );
 }
 
 /// Benchmark (bench/vae/run.sh): decode one 4x64x64 latent with the random SD-config VAE
@@ -160,8 +162,8 @@ fn bench_decode_512() {
         img = Some(vae.decode(&z).unwrap());
         times.push(t.elapsed().as_secs_f64());
     }
-    let want = candle_core::safetensors::load(dir.join("decoded_py.safetensors"), &Device::Cpu)
-        .unwrap();
+    let want =
+        candle_core::safetensors::load(dir.join("decoded_py.safetensors"), &Device::Cpu).unwrap();
     let e = rel_err(img.as_ref().unwrap(), &want["image"]);
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let hwm = status

@@ -133,7 +133,9 @@ impl DdpmSchedule {
 
     /// `alphas_cumprod` as an f32 tensor.
     pub fn alphas_cumprod_tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.alphas_cumprod, self.alphas_cumprod.len(), device)?
-            .to_dtype(DType::F32)?)
+        Ok(
+            Tensor::from_slice(&self.alphas_cumprod, self.alphas_cumprod.len(), device)?
+                .to_dtype(DType::F32)?,
+        )
     }
 }

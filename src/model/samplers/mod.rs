@@ -11,12 +11,14 @@
 //! | DPM++ 2M Karras | `DPMSolverMultistepScheduler`, `algorithm_type="dpmsolver++"`, `solver_order=2`, `use_karras_sigmas=True` (final sigma 0, first order on the last step) | k-diffusion's `get_sigmas_karras(n, sigma_min, sigma_max, rho=7)` and `sample_dpmpp_2m` |
 //!
 //! Known differences from A1111 that remain (diffusers' behaviour is kept, the tests prove
-//! equality with it): A1111's DDIM takes `range(0, 1000, 1000 // n)` literally, so when n does
-//! not divide 1000 it has a different step count (e.g. 31 grid points for 30 steps) and it stops
-//! at t=1 instead of stepping to `alphas_cumprod[0]`; Euler a interpolates sigma linearly at
-//! fractional timesteps where k-diffusion interpolates log-sigma (relative difference below
-//! 1e-3 of sigma), and for n = 1 diffusers' grid is t = 0; DPM++ 2M Karras rounds the timesteps
-//! given to the UNet to integers where k-diffusion passes fractional ones.
+//! equality with it): A1111's DDIM grid is `range(0, 1000, 1000 // n) + 1` and it steps once per
+//! gap between grid points, ending at t=1 (20 steps: 19 model calls, 951 -> 1; 30 steps: 30
+//! calls on a 31-point grid) where diffusers makes n calls and ends at `alphas_cumprod[0]`;
+//! Euler a interpolates sigma
+//! linearly at fractional timesteps where k-diffusion interpolates log-sigma (sigmas differ by
+//! at most 5e-4 relative for 2..150 steps), and for n = 1 diffusers' grid is t = 0; DPM++ 2M
+//! Karras rounds the timesteps given to the UNet to integers where k-diffusion passes
+//! fractional ones.
 //!
 //! The denoiser closure gets the model input (already scaled as the sampler needs) and the
 //! timestep, and returns the raw model output (eps or v). Ancestral noise comes from a
@@ -201,10 +203,7 @@ impl Sampler {
         let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
         let (x0, eps) = match self.prediction {
             Prediction::Epsilon => (((x - (out * sb)?)? / sa)?, out.clone()),
-            Prediction::VPrediction => (
-                ((x * sa)? - (out * sb)?)?,
-                ((out * sa)? + (x * sb)?)?,
-            ),
+            Prediction::VPrediction => (((x * sa)? - (out * sb)?)?, ((out * sa)? + (x * sb)?)?),
         };
         Ok(((x0 * ap.sqrt())? + (eps * (1.0 - ap).sqrt())?)?)
     }

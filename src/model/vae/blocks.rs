@@ -22,7 +22,13 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
-    pub fn load(w: &mut Weights, p: &str, in_c: usize, out_c: usize, groups: usize) -> Result<Self> {
+    pub fn load(
+        w: &mut Weights,
+        p: &str,
+        in_c: usize,
+        out_c: usize,
+        groups: usize,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: GroupNorm::load(w, &format!("{p}.norm1"), in_c, groups, EPS)?,
             conv1: Conv2d::load(w, &format!("{p}.conv1"), (in_c, out_c, 3), 1, 1)?,
@@ -297,13 +303,7 @@ impl Decoder {
         }
         let first = *rev.last().expect("validated: at least one block");
         Ok(Self {
-            conv_in: Conv2d::load(
-                w,
-                "decoder.conv_in",
-                (cfg.latent_channels, rev[0], 3),
-                1,
-                1,
-            )?,
+            conv_in: Conv2d::load(w, "decoder.conv_in", (cfg.latent_channels, rev[0], 3), 1, 1)?,
             mid_block: MidBlock::load(
                 w,
                 "decoder.mid_block",
@@ -313,13 +313,7 @@ impl Decoder {
             )?,
             up_blocks,
             conv_norm_out: GroupNorm::load(w, "decoder.conv_norm_out", first, g, EPS)?,
-            conv_out: Conv2d::load(
-                w,
-                "decoder.conv_out",
-                (first, cfg.out_channels, 3),
-                1,
-                1,
-            )?,
+            conv_out: Conv2d::load(w, "decoder.conv_out", (first, cfg.out_channels, 3), 1, 1)?,
         })
     }
 

@@ -109,7 +109,11 @@ impl VaeConfig {
         {
             return Err(format!("unsupported down block type {t}"));
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
             return Err(format!("unsupported up block type {t}"));
         }
         if self.act_fn != "silu" {
@@ -194,8 +198,11 @@ impl AutoencoderKL {
             dir.to_path_buf()
         };
         let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
-        let mut w =
-            Weights::from_safetensors(&dir.join("diffusion_pytorch_model.safetensors"), dtype, device)?;
+        let mut w = Weights::from_safetensors(
+            &dir.join("diffusion_pytorch_model.safetensors"),
+            dtype,
+            device,
+        )?;
         Self::load(&mut w, &cfg)
     }
 
