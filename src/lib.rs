@@ -6,6 +6,7 @@
 pub mod caption;
 pub mod cli;
 pub mod dataset;
+pub mod formats;
 pub mod matte;
 pub mod model;
 pub mod review;

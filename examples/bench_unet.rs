@@ -1,0 +1,205 @@
+//! sdkit side of bench/unet (run by bench/unet/run.sh): a full-size SD1.5-config UNet from a
+//! random-weight safetensors file, batch 1, f32 on CPU.
+//!
+//!   cargo run --release --example bench_unet -- fwd WEIGHTS [N] [SIZE]
+//!   cargo run --release --example bench_unet -- bwd WEIGHTS [N] [SIZE]
+//!   cargo run --release --example bench_unet -- profile WEIGHTS [SIZE]
+//!
+//! `fwd` times N forwards, `bwd` N forward+backward passes of sum(out * r) with the weights
+//! frozen (the gradient w.r.t. the latent; candle still computes weight gradients inside
+//! conv/matmul backward). `profile` times each top-level block of one forward and a few
+//! single ops at SD1.5's largest sizes. SIZE is the latent side (64 = 512 px).
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use sdkit::model::Weights;
+use sdkit::model::attention::attention;
+use sdkit::model::nn::group_norm;
+use sdkit::model::unet::blocks::BlockInput;
+use sdkit::model::unet::embeddings::timestep_embedding;
+use sdkit::model::unet::{UNet2DConditionModel, UNetConfig};
+use std::path::Path;
+use std::time::Instant;
+
+fn peak_rss_gb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1e6)
+        .unwrap_or(f64::NAN)
+}
+
+fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 3.4 - 1.7
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let s = Instant::now();
+    let v = f()?;
+    Ok((v, s.elapsed().as_secs_f64()))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 2 {
+        bail!("usage: bench_unet fwd|bwd|profile WEIGHTS [N] [SIZE]");
+    }
+    let (mode, path) = (args[0].as_str(), Path::new(&args[1]));
+    let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+    let (n, size) = if mode == "profile" {
+        (1, num(2, 64))
+    } else {
+        (num(2, 1), num(3, 64))
+    };
+    let (model, load_s) = timed(|| {
+        let mut w = Weights::from_safetensors(path, DType::F32, &Device::Cpu)
+            .with_context(|| format!("{}", path.display()))?;
+        Ok(UNet2DConditionModel::load(&mut w, &UNetConfig::sd15())?)
+    })?;
+    eprintln!(
+        "loaded in {load_s:.1} s, RSS peak so far {:.2} GB",
+        peak_rss_gb()
+    );
+    let x = randn(&[1, 4, size, size], 1)?;
+    let t = Tensor::new(&[500f32], &Device::Cpu)?;
+    let ctx = randn(&[1, 77, 768], 2)?;
+    let r = randn(&[1, 4, size, size], 3)?;
+    let mut times = Vec::new();
+    match mode {
+        "fwd" => {
+            for _ in 0..n {
+                times.push(timed(|| Ok(model.forward(&x, &t, &ctx)?))?.1);
+            }
+        }
+        "bwd" => {
+            for _ in 0..n {
+                let xv = Var::from_tensor(&x)?;
+                let (g, s) = timed(|| {
+                    let out = model.forward(xv.as_tensor(), &t, &ctx)?;
+                    Ok((out * &r)?.sum_all()?.backward()?)
+                })?;
+                anyhow::ensure!(
+                    g.get(xv.as_tensor()).is_some(),
+                    "no gradient for the latent"
+                );
+                times.push(s);
+            }
+        }
+        "profile" => return profile(&model, &x, &t, &ctx),
+        m => bail!("unknown mode {m}"),
+    }
+    let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let label = if mode == "fwd" {
+        "forward"
+    } else {
+        "forward+backward (grad: latent)"
+    };
+    println!(
+        "sdkit {label}: best {best:.2} s of {n}, peak RSS {:.2} GB, latent {size}x{size}",
+        peak_rss_gb()
+    );
+    Ok(())
+}
+
+/// Time each top-level block of one forward, then single ops at SD1.5's largest sizes.
+fn profile(model: &UNet2DConditionModel, x: &Tensor, t: &Tensor, ctx: &Tensor) -> Result<()> {
+    let c = &model.config;
+    let (temb_act, s) = timed(|| {
+        let e = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?;
+        Ok(model.time_embedding.forward(&e)?.silu()?)
+    })?;
+    println!("time embedding        {s:7.3} s");
+    let inp = BlockInput {
+        temb_act: &temb_act,
+        ctx,
+        hooks: &model.hooks,
+    };
+    let (mut h, s) = timed(|| Ok(model.conv_in.forward(x)?))?;
+    println!("conv_in               {s:7.3} s");
+    let mut skips = vec![h.clone()];
+    for (i, b) in model.down_blocks.iter().enumerate() {
+        let (y, s) = timed(|| Ok(b.forward(&h, &inp, &mut skips)?))?;
+        println!("down_blocks.{i}         {s:7.3} s");
+        h = y;
+    }
+    let (y, s) = timed(|| Ok(model.mid_block.forward(&h, &inp)?))?;
+    println!("mid_block             {s:7.3} s");
+    h = y;
+    for (i, b) in model.up_blocks.iter().enumerate() {
+        let (y, s) = timed(|| Ok(b.forward(&h, &inp, &mut skips)?))?;
+        println!("up_blocks.{i}           {s:7.3} s");
+        h = y;
+    }
+    let (_, s) = timed(|| {
+        Ok(model
+            .conv_out
+            .forward(&model.conv_norm_out.forward(&h)?.silu()?)?)
+    })?;
+    println!("conv_norm_out+conv_out {s:6.3} s");
+
+    println!("-- single ops, f32 --");
+    let a = randn(&[1, 320, 64, 64], 4)?;
+    let k = randn(&[320, 320, 3, 3], 5)?;
+    let (_, s) = timed(|| Ok(a.conv2d(&k, 1, 1, 1, 1)?))?;
+    let flop = 2.0 * 320.0 * 320.0 * 9.0 * 4096.0;
+    println!(
+        "conv 3x3 320->320 @64x64  {s:7.3} s  {:6.1} GFLOP/s",
+        flop / s / 1e9
+    );
+    let av = Var::from_tensor(&a)?;
+    let (_, s) = timed(|| {
+        Ok(av
+            .as_tensor()
+            .conv2d(&k, 1, 1, 1, 1)?
+            .sum_all()?
+            .backward()?)
+    })?;
+    println!("  same, fwd+bwd           {s:7.3} s");
+    let (q, kk, v) = (
+        randn(&[8, 4096, 40], 6)?,
+        randn(&[8, 4096, 40], 7)?,
+        randn(&[8, 4096, 40], 8)?,
+    );
+    let (_, s) = timed(|| Ok(attention(&q, &kk, &v, 40f64.powf(-0.5))?))?;
+    let flop = 4.0 * 8.0 * 4096.0 * 4096.0 * 40.0;
+    println!(
+        "attention 8x4096x4096x40  {s:7.3} s  {:6.1} GFLOP/s",
+        flop / s / 1e9
+    );
+    let qv = Var::from_tensor(&q)?;
+    let (_, s) = timed(|| {
+        Ok(attention(qv.as_tensor(), &kk, &v, 40f64.powf(-0.5))?
+            .sum_all()?
+            .backward()?)
+    })?;
+    println!("  same, fwd+bwd           {s:7.3} s");
+    let wgt = randn(&[320, 320], 9)?;
+    let seq = randn(&[1, 4096, 320], 10)?;
+    let (_, s) = timed(|| Ok(seq.broadcast_matmul(&wgt.t()?)?))?;
+    let flop = 2.0 * 4096.0 * 320.0 * 320.0;
+    println!(
+        "linear 4096x320x320       {s:7.3} s  {:6.1} GFLOP/s",
+        flop / s / 1e9
+    );
+    let (g, b) = (randn(&[320], 11)?, randn(&[320], 12)?);
+    let (_, s) = timed(|| Ok(group_norm(&a, 32, &g, &b, 1e-5)?))?;
+    println!("group_norm 320x64x64      {s:7.3} s");
+    let big = randn(&[4096, 4096], 13)?;
+    let (_, s) = timed(|| Ok(big.matmul(&big)?))?;
+    println!(
+        "sgemm 4096^3              {s:7.3} s  {:6.1} GFLOP/s",
+        2.0 * 4096f64.powi(3) / s / 1e9
+    );
+    Ok(())
+}
