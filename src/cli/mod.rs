@@ -4,6 +4,7 @@
 use clap::{CommandFactory, Parser, Subcommand};
 
 pub mod caption;
+pub mod check;
 pub mod config;
 pub mod prep;
 pub mod review;
@@ -40,6 +41,8 @@ ONNX Runtime is loaded at run time: set ORT_DYLIB_PATH, or `pip install onnxrunt
 into ./.venv or the active virtualenv."
     )]
     Tag(tag::TagArgs),
+    /// Dataset doctor: image counts, steps, duplicates, small images, captions, trigger, buckets.
+    Check(check::CheckOptions),
 }
 
 /// Parses argv, expanding `--config` recipes first.
@@ -56,5 +59,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Review(a) => review::run(a),
         Command::Tokens(a) => tokens::run(a),
         Command::Tag(a) => tag::run(a),
+        Command::Check(o) => check::run(o),
     }
 }
