@@ -358,24 +358,39 @@ fn missing_folder_is_fatal() {
 
 #[test]
 fn phash_matches_python_imagehash() {
+    use sdkit::check::phash;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/phash");
     let reference: serde_json::Map<String, Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("phash.json")).unwrap()).unwrap();
-    let mut exact = 0;
-    for (file, hex) in &reference {
-        let img = image::open(dir.join(file)).unwrap().into_rgb8();
-        let ours = sdkit::check::phash::phash(&img);
-        let theirs = u64::from_str_radix(hex.as_str().unwrap(), 16).unwrap();
-        let d = sdkit::check::phash::distance(ours, theirs);
-        assert!(
-            d <= 2,
-            "{file}: ours {ours:016x}, imagehash {theirs}, {d} bits apart"
+    assert_eq!(reference.len(), 20);
+    for (file, r) in &reference {
+        let theirs = u64::from_str_radix(r["phash"].as_str().unwrap(), 16).unwrap();
+        let thumb: Vec<u8> = r["thumb"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
+        // DCT, median and bit order: exact on Pillow's own thumbnail.
+        assert_eq!(
+            phash::hash_thumbnail(&thumb),
+            theirs,
+            "{file}: hash of Pillow's thumbnail"
         );
-        exact += usize::from(d == 0);
+        // Greyscale + Lanczos: within one level of Pillow's.
+        let img = image::open(dir.join(file)).unwrap().into_rgb8();
+        let ours = phash::grey_thumbnail(&img);
+        let worst = ours
+            .iter()
+            .zip(&thumb)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        assert!(worst <= 1, "{file}: thumbnail differs by {worst} levels");
+        // End to end: rounding moves coefficients that sit at the median (these smooth
+        // test pictures have many), so a few bits may flip; distinct pictures are ~32
+        // apart and the near-duplicate default is 8.
+        let d = phash::distance(phash::phash(&img), theirs);
+        assert!(d <= 6, "{file}: {d} bits from imagehash");
     }
-    assert!(
-        exact * 10 >= reference.len() * 8,
-        "only {exact} of {} hashes exact",
-        reference.len()
-    );
 }
