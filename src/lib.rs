@@ -4,6 +4,7 @@
 //! captions) feeds the later stages. `cli` is a thin layer over the library.
 
 pub mod caption;
+pub mod check;
 pub mod cli;
 pub mod dataset;
 pub mod formats;

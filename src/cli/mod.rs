@@ -4,6 +4,7 @@
 use clap::{CommandFactory, Parser, Subcommand};
 
 pub mod caption;
+pub mod check;
 pub mod config;
 pub mod prep;
 pub mod review;
@@ -43,6 +44,8 @@ into ./.venv or the active virtualenv."
     Tag(tag::TagArgs),
     /// Text to image from an SD 1.x / 2.x checkpoint; PNGs carry webui's parameters.
     Sample(sample::SampleArgs),
+    /// Dataset doctor: image counts, steps, duplicates, small images, captions, trigger, buckets.
+    Check(check::CheckOptions),
 }
 
 /// Parses argv, expanding `--config` recipes first.
@@ -60,5 +63,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tokens(a) => tokens::run(a),
         Command::Tag(a) => tag::run(a),
         Command::Sample(a) => sample::run(a),
+        Command::Check(o) => check::run(o),
     }
 }
