@@ -6,6 +6,8 @@
 pub mod caption;
 pub mod cli;
 pub mod dataset;
+pub mod formats;
+pub mod matte;
 pub mod model;
 pub mod review;
 pub mod tag;

@@ -7,6 +7,7 @@ pub mod caption;
 pub mod config;
 pub mod prep;
 pub mod review;
+pub mod sample;
 pub mod tag;
 pub mod tokens;
 
@@ -40,6 +41,8 @@ ONNX Runtime is loaded at run time: set ORT_DYLIB_PATH, or `pip install onnxrunt
 into ./.venv or the active virtualenv."
     )]
     Tag(tag::TagArgs),
+    /// Text to image from an SD 1.x / 2.x checkpoint; PNGs carry webui's parameters.
+    Sample(sample::SampleArgs),
 }
 
 /// Parses argv, expanding `--config` recipes first.
@@ -56,5 +59,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Review(a) => review::run(a),
         Command::Tokens(a) => tokens::run(a),
         Command::Tag(a) => tag::run(a),
+        Command::Sample(a) => sample::run(a),
     }
 }

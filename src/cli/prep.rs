@@ -46,6 +46,9 @@ fn print_summary(s: &PrepSummary) {
             r.images, r.repeats, r.samples, r.dir, s.train_samples
         );
     }
+    if let Some(m) = &s.matte {
+        println!("  matte: {m}");
+    }
     if s.captions > 0 {
         println!("  captions carried over: {}", s.captions);
     }

@@ -113,24 +113,11 @@ pub fn decode_file(path: &Path, background: Rgb8) -> Result<Decoded, DecodeError
 
 /// Decodes encoded image bytes into upright 8-bit RGB.
 pub fn decode_bytes(bytes: &[u8], background: Rgb8) -> Result<Decoded, DecodeError> {
-    if bytes.is_empty() {
-        return Err(DecodeError::Empty);
-    }
-    let mut dec = reader(bytes)?.into_decoder().map_err(classify)?;
-    let (w, h) = dec.dimensions();
-    if w as u64 * h as u64 > MAX_PIXELS {
-        return Err(DecodeError::TooLarge { w, h });
-    }
-    let orientation = dec
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(dec).map_err(classify)?;
-    img.apply_orientation(orientation);
-    let had_alpha = img.color().has_alpha();
-    let image = to_rgb8(img, background);
+    let DecodedAny { image, orientation } = decode_bytes_any(bytes)?;
+    let had_alpha = image.color().has_alpha();
     Ok(Decoded {
-        image,
-        orientation: orientation.to_exif(),
+        image: to_rgb8(image, background),
+        orientation,
         had_alpha,
     })
 }
@@ -154,30 +141,20 @@ pub fn decode_bytes_reduced(
 }
 
 fn decode_jpeg_reduced(bytes: &[u8], reduction: u32) -> Option<Decoded> {
-    let orientation = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes))
-        .ok()?
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut dec = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-    dec.read_info().ok()?;
-    let info = dec.info()?;
-    if (info.width as u64) * (info.height as u64) > MAX_PIXELS {
+    let mut dec = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes)).ok()?;
+    let (w, h) = dec.dimensions();
+    if (w as u64) * (h as u64) > MAX_PIXELS {
         return None;
     }
-    let want_w = (info.width as u32).div_ceil(reduction).max(1) as u16;
-    let want_h = (info.height as u32).div_ceil(reduction).max(1) as u16;
-    let (w, h) = dec.scale(want_w, want_h).ok()?;
-    let pixels = dec.decode().ok()?;
-    let img = match info.pixel_format {
-        jpeg_decoder::PixelFormat::RGB24 => {
-            DynamicImage::ImageRgb8(RgbImage::from_raw(w as u32, h as u32, pixels)?)
-        }
-        jpeg_decoder::PixelFormat::L8 => {
-            DynamicImage::ImageLuma8(image::GrayImage::from_raw(w as u32, h as u32, pixels)?)
-        }
-        _ => return None,
+    let orientation = dec
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    // libjpeg scales by 1/2, 1/4 or 1/8 here (what PIL's draft() picks).
+    let scale = [8u32, 4, 2].into_iter().find(|&s| s <= reduction)?;
+    let super::jpeg::Jpeg::Image(mut img) = super::jpeg::decode(bytes, (8 / scale) as u8).ok()?
+    else {
+        return None;
     };
-    let mut img = img;
     img.apply_orientation(orientation);
     Some(Decoded {
         image: img.into_rgb8(),
@@ -207,7 +184,9 @@ pub fn decode_bytes_any(bytes: &[u8]) -> Result<DecodedAny, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let mut dec = reader(bytes)?.into_decoder().map_err(classify)?;
+    let r = reader(bytes)?;
+    let is_jpeg = r.format() == Some(image::ImageFormat::Jpeg);
+    let mut dec = r.into_decoder().map_err(classify)?;
     let (w, h) = dec.dimensions();
     if w as u64 * h as u64 > MAX_PIXELS {
         return Err(DecodeError::TooLarge { w, h });
@@ -215,7 +194,21 @@ pub fn decode_bytes_any(bytes: &[u8]) -> Result<DecodedAny, DecodeError> {
     let orientation = dec
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(dec).map_err(classify)?;
+    // JPEG pixels come from libjpeg-turbo, as in Pillow, so taggers see the same input
+    // as the Python reference; colour models it leaves alone fall through.
+    let jpeg = if is_jpeg {
+        match super::jpeg::decode(bytes, 8) {
+            Ok(super::jpeg::Jpeg::Image(img)) => Some(img),
+            Ok(super::jpeg::Jpeg::Unsupported) => None,
+            Err(e) => return Err(DecodeError::Corrupt(e)),
+        }
+    } else {
+        None
+    };
+    let mut image = match jpeg {
+        Some(img) => img,
+        None => DynamicImage::from_decoder(dec).map_err(classify)?,
+    };
     image.apply_orientation(orientation);
     Ok(DecodedAny {
         image,

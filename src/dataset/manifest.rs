@@ -24,6 +24,9 @@ pub struct OutputRecord {
     pub tile: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caption: Option<String>,
+    /// The mask written with `--save-masks`, relative like `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -4,6 +4,7 @@ pub mod bucket;
 pub mod caption_io;
 pub mod decode;
 pub mod encode;
+pub mod jpeg;
 pub mod focal;
 pub mod layout;
 pub mod manifest;

@@ -40,7 +40,8 @@ pub enum Focus {
   sdkit prep photos/ --out train --name ron --repeats 10
   sdkit prep photos/ --out train --name ron --reg cats/ --class cat --flip
   sdkit prep photos/ --out set --crop 512x768 --focus focal --format jpg --quality 92
-  sdkit prep photos/ --out set --dry-run --json")]
+  sdkit prep photos/ --out set --dry-run --json
+  sdkit prep photos/ --out train --name ron --matte u2net.onnx --save-masks")]
 pub struct PrepOptions {
     /// Image files or folders (folders are scanned recursively).
     #[arg(required = true, value_name = "INPUT")]
@@ -140,6 +141,24 @@ pub struct PrepOptions {
     #[arg(long = "class", value_name = "WORD", help_heading = "Layout")]
     pub class: Option<String>,
 
+    /// Cut subjects out with this rembg-compatible ONNX model (u2net, isnet, birefnet)
+    /// and composite them onto --background before resizing (needs onnxruntime).
+    #[arg(long, value_name = "MODEL.onnx", help_heading = "Matting")]
+    pub matte: Option<PathBuf>,
+    /// The model's family, i.e. its rembg preprocessing contract (models/*.yaml).
+    #[arg(long, value_enum, default_value_t, help_heading = "Matting")]
+    pub matte_kind: crate::matte::KindArg,
+    /// Also write each output's mask (white = subject) to OUT/masks/<output path>.png,
+    /// for kohya masked loss (conditioning_data_dir = OUT/masks/img/<repeats>_<name>).
+    #[arg(long, requires = "matte", help_heading = "Matting")]
+    pub save_masks: bool,
+    /// Images per matting model call.
+    #[arg(long, default_value_t = 4, help_heading = "Matting")]
+    pub matte_batch: usize,
+    /// Where the matting model runs.
+    #[arg(long, value_enum, default_value_t, help_heading = "Matting")]
+    pub matte_device: crate::tag::runtime::Device,
+
     /// Redo every source, even unchanged ones.
     #[arg(long, help_heading = "Run")]
     pub force: bool,
@@ -193,6 +212,9 @@ pub struct PrepSummary {
     pub repeats: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reg: Option<RegSummary>,
+    /// The matting model and contract (with --matte).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matte: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -235,6 +257,7 @@ struct Ctx<'a> {
     manifest: &'a Manifest,
     budget: Budget,
     disk_full: AtomicBool,
+    matte: Option<crate::matte::Matter>,
 }
 
 impl PrepOptions {
@@ -288,6 +311,25 @@ impl PrepOptions {
             "format": self.format, "quality": self.quality,
         });
         blake3::hash(s.to_string().as_bytes()).to_hex()[..16].to_string()
+    }
+
+    /// The fingerprint with the matting model (its content), kind and mask setting
+    /// added; without --matte it is [`Self::settings_fingerprint`] unchanged.
+    fn settings_with_matte(&self) -> anyhow::Result<String> {
+        let base = self.settings_fingerprint();
+        let Some(model) = &self.matte else {
+            return Ok(base);
+        };
+        let mut h = blake3::Hasher::new();
+        let mut f = std::fs::File::open(model)
+            .with_context(|| format!("{}: cannot read the matting model", model.display()))?;
+        std::io::copy(&mut f, &mut h)
+            .with_context(|| format!("{}: cannot read the matting model", model.display()))?;
+        let s = serde_json::json!({
+            "base": base, "matte": h.finalize().to_hex().as_str(),
+            "kind": self.matte_kind, "masks": self.save_masks,
+        });
+        Ok(blake3::hash(s.to_string().as_bytes()).to_hex()[..16].to_string())
     }
 }
 
@@ -364,6 +406,17 @@ pub fn run(opts: &PrepOptions, progress: &indicatif::ProgressBar) -> anyhow::Res
         threshold: opts.split_threshold,
         overlap: opts.split_overlap,
     });
+    let settings = opts.settings_with_matte()?;
+    let matte = match &opts.matte {
+        Some(model) if !opts.dry_run => Some(crate::matte::Matter::open(
+            model,
+            opts.matte_kind,
+            opts.matte_batch,
+            0,
+            opts.matte_device,
+        )?),
+        _ => None,
+    };
     let manifest = Manifest::load(&opts.out);
     let mb = 1024 * 1024;
     let ctx = Ctx {
@@ -371,10 +424,11 @@ pub fn run(opts: &PrepOptions, progress: &indicatif::ProgressBar) -> anyhow::Res
         sizing,
         buckets,
         split,
-        settings: opts.settings_fingerprint(),
+        settings,
         manifest: &manifest,
         budget: Budget::new(opts.memory_limit.max(64) * mb),
         disk_full: AtomicBool::new(false),
+        matte,
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.unwrap_or(0))
@@ -383,6 +437,7 @@ pub fn run(opts: &PrepOptions, progress: &indicatif::ProgressBar) -> anyhow::Res
 
     let mut summary = PrepSummary {
         dry_run: opts.dry_run,
+        matte: ctx.matte.as_ref().map(|m| m.describe()),
         ..Default::default()
     };
     let train_scan = scan::scan(&opts.inputs, &opts.caption_ext);
@@ -659,6 +714,10 @@ fn records_for(
                 .caption
                 .as_ref()
                 .map(|_| join_rel(dir, &output_name(job, &p, &ctx.opts.out_caption_ext)));
+            let mask = ctx
+                .opts
+                .save_masks
+                .then(|| crate::matte::masks::mask_path(&path));
             let rec = OutputRecord {
                 path,
                 size: p.size,
@@ -667,6 +726,7 @@ fn records_for(
                 flip: p.flip,
                 tile: p.tile,
                 caption,
+                mask,
             };
             (rec, p)
         })
@@ -725,6 +785,14 @@ fn process_inner(ctx: &Ctx, job: &Job, dir: &str, group: &str) -> Result<Outcome
                     ok = false;
                 }
             }
+            // The mask (--save-masks) follows its image.
+            rec.mask = ctx
+                .opts
+                .save_masks
+                .then(|| crate::matte::masks::mask_path(&rec.path));
+            if let Some(new) = &rec.mask {
+                ok &= move_mask(out, old.mask.as_deref(), new, ctx.opts.dry_run);
+            }
             outputs.push(rec);
         }
         if ok {
@@ -782,7 +850,9 @@ fn process_inner(ctx: &Ctx, job: &Job, dir: &str, group: &str) -> Result<Outcome
     // Decode under the memory budget: pixels as decoded (up to 8 bytes each with 16-bit
     // alpha), the RGB result, and the encoded bytes.
     let px = job.dims.0 as u64 * job.dims.1 as u64;
-    let _permit = ctx.budget.acquire(px * 11 + job.bytes);
+    // Matting also holds the source RGBA, the mask and the composite at full size.
+    let per_px = if ctx.matte.is_some() { 19 } else { 11 };
+    let _permit = ctx.budget.acquire(px * per_px + job.bytes);
     let bytes = std::fs::read(&job.src.path).map_err(|e| format!("cannot read: {e}"))?;
     if blake3::hash(&bytes).to_hex().as_str() != job.hash {
         return Err("changed while being read; run again".into());
@@ -797,10 +867,21 @@ fn process_inner(ctx: &Ctx, job: &Job, dir: &str, group: &str) -> Result<Outcome
         .into_iter()
         .find(|r| shrink >= 2.0 * *r as f64)
         .unwrap_or(1);
-    let decoded = decode::decode_bytes_reduced(&bytes, ctx.opts.background, reduction)
-        .map_err(|e| e.to_string())?;
-    drop(bytes);
-    let img = decoded.image;
+    let (img, alpha) = match &ctx.matte {
+        // rembg runs the model on the full-size decode; so does sdkit.
+        Some(m) => {
+            let any = decode::decode_bytes_any(&bytes).map_err(|e| e.to_string())?;
+            drop(bytes);
+            let (img, alpha) = m.matte(any.image, ctx.opts.background.0)?;
+            (img, Some(alpha))
+        }
+        None => {
+            let decoded = decode::decode_bytes_reduced(&bytes, ctx.opts.background, reduction)
+                .map_err(|e| e.to_string())?;
+            drop(bytes);
+            (decoded.image, None)
+        }
+    };
     // Plans are in full-size source pixels; the decoded image may be reduced.
     let (kx, ky) = (
         img.width() as f64 / job.dims.0 as f64,
@@ -808,7 +889,7 @@ fn process_inner(ctx: &Ctx, job: &Job, dir: &str, group: &str) -> Result<Outcome
     );
     if !(0.1..=1.0).contains(&kx)
         || !(0.1..=1.0).contains(&ky)
-        || (reduction == 1 && img.dimensions() != job.dims)
+        || ((reduction == 1 || alpha.is_some()) && img.dimensions() != job.dims)
     {
         return Err(format!(
             "header says {}x{} but pixels are {:?}",
@@ -857,16 +938,24 @@ fn process_inner(ctx: &Ctx, job: &Job, dir: &str, group: &str) -> Result<Outcome
             encode::encode(&canvas, ctx.opts.format, ctx.opts.quality, w)
         })
         .map_err(|e| io_reason("write", &path, &e, ctx))?;
+        if let (Some(rel), Some(alpha)) = (&rec.mask, &alpha) {
+            let mask = crate::matte::masks::place(alpha, p, ctx.opts.filter);
+            let path = out.join(rel);
+            crate::matte::masks::write(&path, &mask)
+                .map_err(|e| io_reason("write", &path, &e, ctx))?;
+        }
     }
     record.outputs = recs.into_iter().map(|(r, _)| r).collect();
     // Outputs of an earlier run of this source that this run no longer produces.
     if let Some(prev) = prev {
         for old in &prev.outputs {
-            for stale in std::iter::once(&old.path).chain(old.caption.iter()) {
-                let keep = record
-                    .outputs
-                    .iter()
-                    .any(|o| &o.path == stale || o.caption.as_ref() == Some(stale));
+            let extra = old.caption.iter().chain(old.mask.iter());
+            for stale in std::iter::once(&old.path).chain(extra) {
+                let keep = record.outputs.iter().any(|o| {
+                    &o.path == stale
+                        || o.caption.as_ref() == Some(stale)
+                        || o.mask.as_ref() == Some(stale)
+                });
                 if !keep {
                     let _ = std::fs::remove_file(out.join(stale));
                 }
@@ -910,9 +999,28 @@ fn sync_captions(ctx: &Ctx, job: &Job, outputs: &[OutputRecord]) -> Result<usize
     Ok(n)
 }
 
+/// Moves an unchanged output's mask to its new path (`to`, when the concept folder
+/// was renamed); false when the mask is missing and must be made again.
+fn move_mask(out: &Path, from: Option<&str>, to: &str, dry_run: bool) -> bool {
+    let to = out.join(to);
+    if to.is_file() {
+        return true;
+    }
+    let Some(from) = from.map(|f| out.join(f)).filter(|f| f.is_file()) else {
+        return false;
+    };
+    if dry_run {
+        return true;
+    }
+    let dir_ok = to
+        .parent()
+        .is_none_or(|d| crate::util::atomic::create_dir_all(d).is_ok());
+    dir_ok && std::fs::rename(&from, &to).is_ok()
+}
+
 /// Removes concept folders left empty after a repeat count changed (only empty ones).
 fn remove_empty_concept_dirs(out: &Path) {
-    for top in ["img", "reg"] {
+    for top in ["img", "reg", "masks/img", "masks/reg"] {
         if let Ok(rd) = std::fs::read_dir(out.join(top)) {
             for e in rd.flatten() {
                 let _ = std::fs::remove_dir(e.path());

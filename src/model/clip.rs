@@ -204,6 +204,12 @@ impl ClipTextModel {
             ClipKind::Sd2 => map_open_clip_keys(w)?,
             ClipKind::Sd1 => w.rename_prefix(SD1_SINGLE_FILE, HF),
         }
+        Self::load_hf(w, kind, heads)
+    }
+
+    /// Load from HF keys (`text_model.…`) with the activation of `kind` (a diffusers SD2
+    /// `text_encoder/` has HF keys but OpenCLIP's GELU).
+    pub fn load_hf(w: &mut Weights, kind: ClipKind, heads: Option<usize>) -> Result<Self> {
         let tok = w.shape_of(&format!("{HF}embeddings.token_embedding.weight"))?;
         let pos = w.shape_of(&format!("{HF}embeddings.position_embedding.weight"))?;
         let fc1 = w.shape_of(&format!("{HF}encoder.layers.0.mlp.fc1.weight"))?;

@@ -6,14 +6,22 @@
 //! weights, low-rank delta slots, differentiable norms and softmax), `weights` the tensor
 //! map they load from, `clip` the SD1 / SD2 text encoders, `attention` the tiled attention.
 
+pub mod arch;
 pub mod attention;
 mod clean;
 pub mod clip;
 mod html;
+pub mod keymap;
+pub mod loader;
 pub mod nn;
+pub mod pipeline;
 pub mod prompt;
+pub mod rng;
+pub mod samplers;
+pub mod schedule;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use clean::clean as clean_text;

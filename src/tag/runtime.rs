@@ -176,6 +176,31 @@ pub enum Device {
     Cuda,
 }
 
+/// Opens an ONNX Runtime session for `model` (loading the runtime first).
+pub fn open_session(model: &Path, threads: usize, device: Device) -> Result<Session, RuntimeError> {
+    init()?;
+    let merr = |e: ort::Error| RuntimeError::Model {
+        path: model.into(),
+        reason: e.to_string(),
+    };
+    let env = ENV
+        .get()
+        .and_then(|r| r.as_ref().ok())
+        .map(|(e, _)| e.clone())
+        .ok_or(RuntimeError::NotFound)?;
+    let mut b = Session::builder(&env)
+        .map_err(merr)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| merr(e.into()))?;
+    if threads > 0 {
+        b = b.with_intra_threads(threads).map_err(|e| merr(e.into()))?;
+    }
+    if device == Device::Cuda {
+        b = with_cuda(b)?;
+    }
+    b.commit_from_file(model).map_err(merr)
+}
+
 /// A loaded tagger model.
 pub struct Tagger {
     session: Session,
@@ -188,7 +213,7 @@ pub struct Tagger {
     pub path: PathBuf,
 }
 
-fn shape_text(t: &ValueType) -> String {
+pub(crate) fn shape_text(t: &ValueType) -> String {
     match t.tensor_shape() {
         Some(s) => format!(
             "{:?} {}",
@@ -208,27 +233,7 @@ impl Tagger {
         threads: usize,
         device: Device,
     ) -> Result<Tagger, RuntimeError> {
-        init()?;
-        let merr = |e: ort::Error| RuntimeError::Model {
-            path: model.into(),
-            reason: e.to_string(),
-        };
-        let env = ENV
-            .get()
-            .and_then(|r| r.as_ref().ok())
-            .map(|(e, _)| e.clone())
-            .ok_or(RuntimeError::NotFound)?;
-        let mut b = Session::builder(&env)
-            .map_err(merr)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| merr(e.into()))?;
-        if threads > 0 {
-            b = b.with_intra_threads(threads).map_err(|e| merr(e.into()))?;
-        }
-        if device == Device::Cuda {
-            b = with_cuda(b)?;
-        }
-        let session = b.commit_from_file(model).map_err(merr)?;
+        let session = open_session(model, threads, device)?;
         Self::from_session(session, model, kind)
     }
 

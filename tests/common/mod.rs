@@ -1,0 +1,36 @@
+//! Shared helpers for the checkpoint tests: the gzipped fixtures of
+//! tests/fixtures/gen_checkpoint_fixtures.py unpacked once per test binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// tests/fixtures/checkpoint unpacked (`*.gz` gunzipped) into a temp dir that lives for
+/// the whole test binary.
+pub fn checkpoints() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint");
+        let dst = tempfile::tempdir().unwrap();
+        for entry in walkdir::WalkDir::new(&src) {
+            let entry = entry.unwrap();
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let rel = entry.path().strip_prefix(&src).unwrap();
+            let mut out = dst.path().join(rel);
+            std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+            if rel.extension().is_some_and(|e| e == "gz") {
+                out.set_extension("");
+                let mut gz = flate2::read::GzDecoder::new(std::fs::File::open(entry.path()).unwrap());
+                let mut f = std::fs::File::create(&out).unwrap();
+                std::io::copy(&mut gz, &mut f).unwrap();
+            } else {
+                std::fs::copy(entry.path(), &out).unwrap();
+            }
+        }
+        dst
+    })
+    .path()
+}

@@ -1,0 +1,178 @@
+//! AutoencoderKL against diffusers (tiny random model with the real SD structure and key
+//! names). Fixtures: tests/fixtures/gen_vae_fixtures.py.
+
+use candle_core::{DType, Device, Tensor};
+use sdkit::model::Weights;
+use sdkit::model::vae::{AutoencoderKL, VaeConfig, image_to_tensor, tensor_to_images};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/vae")
+        .join(name)
+}
+
+fn expected() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("tiny_vae_expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// max |a - b| / max(max |b|, 1e-3).
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
+    let s = b.abs().unwrap().max_all().unwrap();
+    d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-3)
+}
+
+#[test]
+fn tiny_vae_encode_decode_match_diffusers() {
+    let exp = expected();
+    let vae =
+        AutoencoderKL::from_diffusers(&fixture("tiny_vae"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(vae.config.block_out_channels, vec![8, 16, 24, 24]);
+    assert_eq!(vae.config.downscale(), 8);
+
+    let post = vae.encode(&exp["image"]).unwrap();
+    for (name, got) in [("mean", &post.mean), ("logvar", &post.logvar)] {
+        let e = rel_err(got, &exp[name]);
+        eprintln!("encode {name}: rel err {e:.1e}");
+        assert!(e < 1e-4, "encode {name}: rel err {e}");
+    }
+    let e = rel_err(&post.sample(&exp["noise"]).unwrap(), &exp["sample"]);
+    assert!(e < 1e-4, "posterior sample: rel err {e}");
+
+    let e = rel_err(&vae.decode(&exp["z"]).unwrap(), &exp["decoded_z"]);
+    eprintln!("decode: rel err {e:.1e}");
+    assert!(e < 1e-4, "decode: rel err {e}");
+    let e = rel_err(&vae.decode(post.mode()).unwrap(), &exp["decoded_mean"]);
+    assert!(e < 1e-4, "decode(mean): rel err {e}");
+
+    // Latent scaling round trip.
+    let z = &exp["z"];
+    let back = vae.unscale(&vae.scale(z).unwrap()).unwrap();
+    assert!(rel_err(&back, z) < 1e-6);
+    let scaled = vae.scale(z).unwrap();
+    assert!(rel_err(&scaled, &(z * 0.18215).unwrap()) < 1e-6);
+}
+
+#[test]
+fn config_parses_diffusers_json_and_sd_preset_is_valid() {
+    let cfg = VaeConfig::from_file(&fixture("tiny_vae/config.json")).unwrap();
+    assert_eq!(cfg.norm_num_groups, 4);
+    assert_eq!(cfg.layers_per_block, 2);
+    assert!((cfg.scaling_factor - 0.18215).abs() < 1e-12);
+    let sd = VaeConfig::sd();
+    sd.validate().unwrap();
+    assert_eq!(sd.block_out_channels, vec![128, 256, 512, 512]);
+    assert_eq!(sd.downscale(), 8);
+    let mut bad = sd.clone();
+    bad.norm_num_groups = 7;
+    assert!(bad.validate().unwrap_err().contains("norm groups"));
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named() {
+    let path = fixture("tiny_vae/diffusion_pytorch_model.safetensors");
+    let cfg = VaeConfig::from_file(&fixture("tiny_vae/config.json")).unwrap();
+    let mut w = Weights::from_safetensors(&path, DType::F32, &Device::Cpu).unwrap();
+    w.remove("decoder.up_blocks.1.upsamplers.0.conv.weight")
+        .unwrap();
+    let err = AutoencoderKL::load(&mut w, &cfg).err().unwrap().to_string();
+    assert!(
+        err.contains("decoder.up_blocks.1.upsamplers.0.conv.weight"),
+        "{err}"
+    );
+
+    let mut wrong = cfg.clone();
+    wrong.block_out_channels = vec![8, 16, 32, 32];
+    let mut w = Weights::from_safetensors(&path, DType::F32, &Device::Cpu).unwrap();
+    let err = AutoencoderKL::load(&mut w, &wrong)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("has shape"), "{err}");
+}
+
+/// Legacy attention names (`query`/`key`/`value`/`proj_attn`, 1x1-conv shaped) load to the
+/// same model.
+#[test]
+fn legacy_attention_keys_load() {
+    let exp = expected();
+    let path = fixture("tiny_vae/diffusion_pytorch_model.safetensors");
+    let cfg = VaeConfig::from_file(&fixture("tiny_vae/config.json")).unwrap();
+    let mut w = Weights::from_safetensors(&path, DType::F32, &Device::Cpu).unwrap();
+    let p = "decoder.mid_block.attentions.0";
+    for (new, old) in [("to_q", "query"), ("to_out.0", "proj_attn")] {
+        let t = w.remove(&format!("{p}.{new}.weight")).unwrap();
+        let t = t.reshape((24, 24, 1, 1)).unwrap();
+        w.insert(format!("{p}.{old}.weight"), t);
+        let b = w.remove(&format!("{p}.{new}.bias")).unwrap();
+        w.insert(format!("{p}.{old}.bias"), b);
+    }
+    let vae = AutoencoderKL::load(&mut w, &cfg).unwrap();
+    let e = rel_err(&vae.decode(&exp["z"]).unwrap(), &exp["decoded_z"]);
+    assert!(e < 1e-4, "decode with legacy keys: rel err {e}");
+}
+
+#[test]
+fn image_tensor_round_trip() {
+    let img = image::RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 50, y as u8 * 100, 255]));
+    let t = image_to_tensor(&img, &Device::Cpu).unwrap();
+    assert_eq!(t.dims(), &[1, 3, 3, 5]);
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(v[0], -1.0);
+    assert_eq!(v[2 * 15], 1.0);
+    let back = tensor_to_images(&t).unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0], img);
+    // Out-of-range values clamp.
+    let t = Tensor::new(&[3f32, -3.0, 0.0], &Device::Cpu)
+        .unwrap()
+        .reshape((1, 3, 1, 1))
+        .unwrap();
+    assert_eq!(
+        tensor_to_images(&t).unwrap()[0].get_pixel(0, 0).0,
+        [255, 0, 128]
+    );
+}
+
+/// Benchmark (bench/vae/run.sh): decode one 4x64x64 latent with the random SD-config VAE
+/// that bench/vae/decode_py.py saved, from the same torch seed, and compare with diffusers.
+#[test]
+#[ignore]
+fn bench_decode_512() {
+    let Ok(dir) = std::env::var("SDKIT_BENCH_VAE") else {
+        panic!("set SDKIT_BENCH_VAE (bench/vae/run.sh does)");
+    };
+    let runs: usize = std::env::var("SDKIT_BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let dir = PathBuf::from(dir);
+    let vae = AutoencoderKL::from_diffusers(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(vae.config, VaeConfig::sd());
+    let z = sdkit::model::rng::randn(1, &[1, 4, 64, 64], &Device::Cpu).unwrap();
+    let mut times = Vec::new();
+    let mut img = None;
+    for _ in 0..runs {
+        let t = std::time::Instant::now();
+        img = Some(vae.decode(&z).unwrap());
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let want =
+        candle_core::safetensors::load(dir.join("decoded_py.safetensors"), &Device::Cpu).unwrap();
+    let e = rel_err(img.as_ref().unwrap(), &want["image"]);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("VmHWM: ?");
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "sdkit decode 512x512: best {best:.2} s, runs {times:.2?}, rel err vs diffusers {e:.1e}, {hwm}"
+    );
+    assert!(e < 1e-3, "rel err {e}");
+}
