@@ -72,7 +72,7 @@ fn check(
         .forward(sample.as_tensor(), &exp["timestep"], ctx.as_tensor())
         .unwrap();
     let e = rel_err(&out, &exp[&format!("{prefix}out")]);
-    assert!(e < 1e-4, "{name} {prefix}: output rel err {e}");
+    assert!(e < 1e-5, "{name} {prefix}: output rel err {e}");
     let grads = (out * &exp["r"])
         .unwrap()
         .sum_all()
@@ -80,6 +80,7 @@ fn check(
         .backward()
         .unwrap();
     let mut checked = 0;
+    let mut worst = 0f32;
     let inputs = [("sample", &sample), ("encoder_hidden_states", &ctx)];
     let all = inputs
         .iter()
@@ -90,11 +91,13 @@ fn check(
         let got = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name} {prefix}: no gradient for {key}"));
-        let e = rel_err(got, want);
-        assert!(e < 2e-4, "{name} {prefix}: gradient of {key} rel err {e}");
+        let ge = rel_err(got, want);
+        assert!(ge < 5e-5, "{name} {prefix}: gradient of {key} rel err {ge}");
+        worst = worst.max(ge);
         checked += 1;
     }
     assert!(checked >= 30, "{name}: only {checked} gradients compared");
+    eprintln!("{name} {prefix}: output rel err {e:.2e}, worst of {checked} gradients {worst:.2e}");
 }
 
 /// A1111 hypernetwork module (layer structure 1,2,1, linear): x + W2 (W1 x + b1) + b2.
@@ -122,7 +125,7 @@ fn check_fixture(name: &str) {
         )
         .unwrap();
     let e = rel_err(&out, &exp["odd.out"]);
-    assert!(e < 1e-4, "{name}: odd-size output rel err {e}");
+    assert!(e < 1e-5, "{name}: odd-size output rel err {e}");
 
     // Hypernetwork transforms for the context width and the 16-channel self-attention.
     let ctx_dim = model.config.cross_attention_dim;
@@ -161,7 +164,8 @@ fn f16_weights_run_in_f16() {
             .unwrap();
         assert_eq!(out.dtype(), DType::F16);
         let e = rel_err(&out, &exp["out"]);
-        assert!(e < 1e-2, "{name}: f16 output rel err {e}");
+        assert!(e < 5e-3, "{name}: f16 output rel err {e}");
+        eprintln!("{name}: f16 output rel err {e:.2e}");
     }
 }
 

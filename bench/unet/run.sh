@@ -5,6 +5,8 @@
 # Heavy: ~3.4 GB of weights, several GB of activations; run it when the machine is quiet.
 # Needs the reference venv: source ../shared/scripts/refenv.sh (sets $REFPY).
 # Usage: bench/unet/run.sh [N]   (N timed repeats of the forward; default 2)
+# PROFILE=dev uses the dev profile (dependencies, i.e. candle and gemm, are opt-level 3 there
+# too; only sdkit's own glue code is opt-level 1) when a release build is too slow to make.
 # sdkit's forward+backward runs under `ulimit -v` (MEM_LIMIT_GB, default 22) so that running
 # out of memory ends the benchmark, not the machine.
 set -euo pipefail
@@ -14,8 +16,10 @@ OUT=bench/out/unet
 W=$OUT/sd15_random.safetensors
 : "${REFPY:?source ../shared/scripts/refenv.sh first}"
 mkdir -p "$OUT"
-cargo build --release --example bench_unet --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/examples/bench_unet
+PROFILE=${PROFILE:-release}
+cargo build --profile "$PROFILE" --example bench_unet --quiet
+DIR=$PROFILE; [ "$PROFILE" = dev ] && DIR=debug
+BIN=${CARGO_TARGET_DIR:-target}/$DIR/examples/bench_unet
 [ -f "$W" ] || "$REFPY" bench/unet/torch_unet.py save "$W"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
   "$(free -g | awk '/Mem:/{print $2}') GB RAM; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
