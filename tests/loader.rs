@@ -80,7 +80,10 @@ fn sd1_folder_single_file_and_ckpt_agree() {
     assert_eq!(i.vae.scaling_factor, 0.18215);
     assert_eq!((i.text.width, i.text.layers, i.text.vocab), (32, 2, 49408));
     // the VAE mid-attention 1x1 convs became linear weights
-    let q = single.vae.shape_of("decoder.mid_block.attentions.0.to_q.weight").unwrap();
+    let q = single
+        .vae
+        .shape_of("decoder.mid_block.attentions.0.to_q.weight")
+        .unwrap();
     assert_eq!(q, vec![32, 32]);
 }
 
@@ -112,8 +115,19 @@ fn dtype_follows_the_request() {
         let t = m.unet.raw(k).unwrap();
         assert_eq!(t.dtype(), dtype);
         let back = t.to_dtype(DType::F32).unwrap();
-        let want = f32m.unet.raw(k).unwrap().to_dtype(dtype).unwrap().to_dtype(DType::F32);
-        let d = (back - want.unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        let want = f32m
+            .unet
+            .raw(k)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_dtype(DType::F32);
+        let d = (back - want.unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
     }
 }
@@ -132,7 +146,10 @@ fn prediction_from_sidecar_default_and_override() {
         prediction: Some(Prediction::Epsilon),
         ..LoadOptions::default()
     };
-    assert_eq!(loader::open(&lone, &opts).unwrap().info.prediction, Prediction::Epsilon);
+    assert_eq!(
+        loader::open(&lone, &opts).unwrap().info.prediction,
+        Prediction::Epsilon
+    );
     // a sidecar saying `parameterization: "v"` makes an SD1-like file v-prediction
     let v1 = dir.path().join("sd1-v.safetensors");
     std::fs::copy(fixture("sd1.safetensors"), &v1).unwrap();
@@ -154,16 +171,23 @@ fn write_st(path: &Path, t: &HashMap<String, Tensor>) {
 fn missing_and_unexpected_tensors_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = read_st(&fixture("sd1.safetensors"));
-    t.remove("model.diffusion_model.input_blocks.1.1.proj_in.weight").unwrap();
+    t.remove("model.diffusion_model.input_blocks.1.1.proj_in.weight")
+        .unwrap();
     let p = dir.path().join("missing.safetensors");
     write_st(&p, &t);
     let e = open_err(&p);
     assert!(e.contains("missing.safetensors"), "{e}");
-    assert!(e.contains("1 missing: down_blocks.0.attentions.0.proj_in.weight"), "{e}");
+    assert!(
+        e.contains("1 missing: down_blocks.0.attentions.0.proj_in.weight"),
+        "{e}"
+    );
 
     let mut t = read_st(&fixture("sd1.safetensors"));
     let extra = Tensor::zeros(3, DType::F16, &Device::Cpu).unwrap();
-    t.insert("model.diffusion_model.input_blocks.1.1.extra.weight".into(), extra.clone());
+    t.insert(
+        "model.diffusion_model.input_blocks.1.1.extra.weight".into(),
+        extra.clone(),
+    );
     t.insert("something_else".into(), extra);
     let p = dir.path().join("extra.safetensors");
     write_st(&p, &t);
@@ -177,7 +201,10 @@ fn sdxl_and_foreign_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let z = Tensor::zeros(2, DType::F16, &Device::Cpu).unwrap();
     let mut t = HashMap::new();
-    t.insert("model.diffusion_model.input_blocks.0.0.weight".to_string(), z.clone());
+    t.insert(
+        "model.diffusion_model.input_blocks.0.0.weight".to_string(),
+        z.clone(),
+    );
     t.insert(
         "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias".to_string(),
         z.clone(),
@@ -188,7 +215,10 @@ fn sdxl_and_foreign_files_are_refused() {
     assert!(e.contains("xl.safetensors") && e.contains("SDXL"), "{e}");
 
     let mut t = HashMap::new();
-    t.insert("double_blocks.0.img_attn.norm.key_norm.scale".to_string(), z);
+    t.insert(
+        "double_blocks.0.img_attn.norm.key_norm.scale".to_string(),
+        z,
+    );
     let p = dir.path().join("flux.safetensors");
     write_st(&p, &t);
     assert!(open_err(&p).contains("not a Stable Diffusion 1.x/2.x checkpoint"));
@@ -217,7 +247,10 @@ fn table(v: &serde_json::Value) -> Table {
 }
 
 fn shapes(w: &Weights) -> Table {
-    let mut t: Table = w.keys().map(|k| (k.clone(), w.shape_of(k).unwrap())).collect();
+    let mut t: Table = w
+        .keys()
+        .map(|k| (k.clone(), w.shape_of(k).unwrap()))
+        .collect();
     t.sort();
     t
 }
@@ -228,10 +261,12 @@ fn shapes(w: &Weights) -> Table {
 #[test]
 fn real_sd15_and_sd21_layouts() {
     let gz = std::fs::File::open(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint/real_keys.json.gz"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/checkpoint/real_keys.json.gz"),
     )
     .unwrap();
-    let json: serde_json::Value = serde_json::from_reader(flate2::read::GzDecoder::new(gz)).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_reader(flate2::read::GzDecoder::new(gz)).unwrap();
     let opts = LoadOptions {
         dtype: DType::F16,
         ..LoadOptions::default()
@@ -249,7 +284,11 @@ fn real_sd15_and_sd21_layouts() {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(shapes(&m.unet), table(&t["unet"]), "{name} unet");
         assert_eq!(shapes(&m.vae), table(&t["vae"]), "{name} vae");
-        assert_eq!(shapes(&m.text_encoder), table(&t["text"]), "{name} text encoder");
+        assert_eq!(
+            shapes(&m.text_encoder),
+            table(&t["text"]),
+            "{name} text encoder"
+        );
         let i = &m.info;
         assert_eq!(i.unet.block_out_channels, vec![320, 640, 1280, 1280]);
         assert_eq!(i.unet.layers_per_block, 2);

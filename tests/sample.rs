@@ -13,8 +13,10 @@ use std::collections::HashMap;
 
 fn reference() -> (HashMap<String, Tensor>, serde_json::Value) {
     let dir = common::checkpoints();
-    let t = candle_core::safetensors::load(dir.join("sample_ref.safetensors"), &Device::Cpu).unwrap();
-    let meta = serde_json::from_slice(&std::fs::read(dir.join("sample_ref.json")).unwrap()).unwrap();
+    let t =
+        candle_core::safetensors::load(dir.join("sample_ref.safetensors"), &Device::Cpu).unwrap();
+    let meta =
+        serde_json::from_slice(&std::fs::read(dir.join("sample_ref.json")).unwrap()).unwrap();
     (t, meta)
 }
 
@@ -23,8 +25,22 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let s = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    let d = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let s = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-6);
     d / s
 }
 
@@ -35,7 +51,8 @@ fn prompt_conditioning_matches_diffusers_text_encoder() {
         let mut m = loader::open(&common::checkpoints().join(file), &LoadOptions::default())
             .unwrap_or_else(|e| panic!("{e}"));
         let kind = m.info.arch.clip_kind();
-        let clip = ClipTextModel::load_hf(&mut m.text_encoder, kind, Some(m.info.text.heads)).unwrap();
+        let clip =
+            ClipTextModel::load_hf(&mut m.text_encoder, kind, Some(m.info.text.heads)).unwrap();
         let ids = r[&format!("{name}.ids")].to_dtype(DType::U32).unwrap();
         let embeds = &r[&format!("{name}.embeds")];
         for (row, key) in [(0, "prompt"), (1, "negative")] {
@@ -69,13 +86,25 @@ fn ddim_image_matches_diffusers_pipeline() {
             clip_skip: 1,
         };
         let noise = &r[&format!("{name}.latents")];
-        let mut none = RecordedNoise { items: Default::default() };
+        let mut none = RecordedNoise {
+            items: Default::default(),
+        };
         let mut steps = 0;
         let img = generate(&m, &req, noise, &mut none, &mut || steps += 1).unwrap();
         assert_eq!(steps, req.steps);
-        let img = ((img / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
+        let img = ((img / 2.0).unwrap() + 0.5)
+            .unwrap()
+            .clamp(0f32, 1f32)
+            .unwrap();
         let want = &r[&format!("{name}.image")];
-        let d = (&img - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (&img - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         eprintln!("{name}: DDIM image max abs diff {d:e} (of [0, 1])");
         assert!(d < 1e-4, "{name}: max abs diff {d}");
     }
@@ -91,8 +120,15 @@ fn cli_writes_pngs_with_parameters() {
         let st = std::process::Command::new(env!("CARGO_BIN_EXE_sdkit"))
             .args(["sample", "--model"])
             .arg(&model)
-            .args(["--prompt", "a photo of a cat, (masterpiece:1.2)", "--negative", "lowres"])
-            .args(["--steps", "3", "--width", "32", "--height", "32", "--seed", "42"])
+            .args([
+                "--prompt",
+                "a photo of a cat, (masterpiece:1.2)",
+                "--negative",
+                "lowres",
+            ])
+            .args([
+                "--steps", "3", "--width", "32", "--height", "32", "--seed", "42",
+            ])
             .args(["--count", "2", "--clip-skip", "2", "--quiet", "--out"])
             .arg(out.path())
             .status()
@@ -102,9 +138,15 @@ fn cli_writes_pngs_with_parameters() {
     run();
     run();
     let hash = sdkit::formats::png_params::short_hash(&model).unwrap();
-    for (file, seed) in [("00000-42.png", "42"), ("00001-43.png", "43"), ("00003-43.png", "43")] {
+    for (file, seed) in [
+        ("00000-42.png", "42"),
+        ("00001-43.png", "43"),
+        ("00003-43.png", "43"),
+    ] {
         let p = out.path().join(file);
-        let text = sdkit::formats::png_params::read_parameters(&p).unwrap().unwrap();
+        let text = sdkit::formats::png_params::read_parameters(&p)
+            .unwrap()
+            .unwrap();
         let t = sdkit::formats::png_params::parse(&text);
         assert_eq!(t.prompt, "a photo of a cat, (masterpiece:1.2)");
         assert_eq!(t.negative, "lowres");
@@ -116,7 +158,12 @@ fn cli_writes_pngs_with_parameters() {
         assert_eq!(t.get("Model"), Some("sd1"));
         assert_eq!(t.get("Clip skip"), Some("2"));
     }
-    let px = |f: &str| image::open(out.path().join(f)).unwrap().to_rgb8().into_raw();
+    let px = |f: &str| {
+        image::open(out.path().join(f))
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
+    };
     assert_eq!(px("00001-43.png"), px("00003-43.png"));
     assert_ne!(px("00000-42.png"), px("00001-43.png"));
 

@@ -23,7 +23,8 @@ pub fn checkpoints() -> &'static Path {
             std::fs::create_dir_all(out.parent().unwrap()).unwrap();
             if rel.extension().is_some_and(|e| e == "gz") {
                 out.set_extension("");
-                let mut gz = flate2::read::GzDecoder::new(std::fs::File::open(entry.path()).unwrap());
+                let mut gz =
+                    flate2::read::GzDecoder::new(std::fs::File::open(entry.path()).unwrap());
                 let mut f = std::fs::File::create(&out).unwrap();
                 std::io::copy(&mut gz, &mut f).unwrap();
             } else {
