@@ -1,6 +1,8 @@
 //! CLIP text encoders against the reference implementations (transformers CLIPTextModel for
 //! SD1, open_clip TextTransformer for SD2). Fixtures: tests/fixtures/gen_clip_fixtures.py.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use sdkit::model::Weights;
 use sdkit::model::clip::{ClipKind, ClipTextModel, detect};
@@ -20,26 +22,7 @@ fn expected(name: &str) -> HashMap<String, Tensor> {
 
 /// max |a - b| / max(max |b|, 1e-3): one relative error for a whole tensor.
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let diff = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1e-3);
-    diff / scale
+    common::rel_err(a, b, 1e-3)
 }
 
 fn ids(t: &Tensor) -> Tensor {

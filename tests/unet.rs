@@ -2,6 +2,8 @@
 //! (tiny random UNets with the SD block structure: SD1-like with conv projections and one
 //! head count, SD2-like with linear projections, per-block heads and upcast_attention).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use sdkit::model::Weights;
 use sdkit::model::unet::{ContextFn, UNet2DConditionModel, UNetConfig};
@@ -22,18 +24,7 @@ fn expected(name: &str) -> HashMap<String, Tensor> {
 
 /// max |a - b| / max |b|: one relative error for a whole tensor.
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let max = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    max(&(&a - &b).unwrap()) / max(&b).max(1e-6)
+    common::rel_err(a, b, 1e-6)
 }
 
 /// The model with every weight the fixture has a gradient for made trainable.

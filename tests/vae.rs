@@ -1,6 +1,8 @@
 //! AutoencoderKL against diffusers (tiny random model with the real SD structure and key
 //! names). Fixtures: tests/fixtures/gen_vae_fixtures.py.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use sdkit::model::Weights;
 use sdkit::model::vae::{AutoencoderKL, VaeConfig, image_to_tensor, tensor_to_images};
@@ -19,12 +21,7 @@ fn expected() -> HashMap<String, Tensor> {
 
 /// max |a - b| / max(max |b|, 1e-3).
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
-    let s = b.abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-3)
+    common::rel_err(a, b, 1e-3)
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! Shared helpers for the checkpoint tests: the gzipped fixtures of
-//! tests/fixtures/gen_checkpoint_fixtures.py unpacked once per test binary.
+//! Shared test helpers: the one relative-error measure the reference-parity tests use,
+//! and the gzipped fixtures of tests/fixtures/gen_checkpoint_fixtures.py unpacked once
+//! per test binary.
 
 #![allow(dead_code)]
 
@@ -34,4 +35,22 @@ pub fn checkpoints() -> &'static Path {
         dst
     })
     .path()
+}
+
+/// max |a - b| / max(max |b|, floor), computed in f32: one relative error for a whole
+/// tensor (the floor keeps near-zero references from inflating it).
+pub fn rel_err(a: &candle_core::Tensor, b: &candle_core::Tensor, floor: f32) -> f32 {
+    use candle_core::{DType, Tensor};
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let max = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    max(&(&a - &b).unwrap()) / max(&b).max(floor)
 }
