@@ -94,8 +94,8 @@ fn sd2_folder_and_single_file_agree() {
     assert_same_model(&folder, &single);
     let i = &single.info;
     assert_eq!(i.arch, Arch::Sd2);
-    assert_eq!(folder.info.prediction, Prediction::V);
-    assert_eq!(i.prediction, Prediction::V);
+    assert_eq!(folder.info.prediction, Prediction::VPrediction);
+    assert_eq!(i.prediction, Prediction::VPrediction);
     assert!(i.unet.use_linear_projection);
     assert_eq!(i.unet.heads, vec![2, 2]);
     // the OpenCLIP tower lost its last (unused) block, like diffusers' SD2 text encoder
@@ -140,7 +140,7 @@ fn prediction_from_sidecar_default_and_override() {
     let lone = dir.path().join("sd2-no-yaml.safetensors");
     std::fs::copy(fixture("sd2.safetensors"), &lone).unwrap();
     let m = open(&lone);
-    assert_eq!(m.info.prediction, Prediction::V);
+    assert_eq!(m.info.prediction, Prediction::VPrediction);
     assert_eq!(m.info.unet.heads, vec![1, 1]);
     let opts = LoadOptions {
         prediction: Some(Prediction::Epsilon),
@@ -156,7 +156,7 @@ fn prediction_from_sidecar_default_and_override() {
     let yaml = std::fs::read_to_string(fixture("sd1.yaml")).unwrap();
     let yaml = yaml.replacen("\n  params:\n", "\n  params:\n    parameterization: v\n", 1);
     std::fs::write(dir.path().join("sd1-v.yaml"), yaml).unwrap();
-    assert_eq!(open(&v1).info.prediction, Prediction::V);
+    assert_eq!(open(&v1).info.prediction, Prediction::VPrediction);
 }
 
 fn read_st(path: &Path) -> HashMap<String, Tensor> {
@@ -304,7 +304,7 @@ fn real_sd15_and_sd21_layouts() {
             assert_eq!((i.text.width, i.text.layers, i.text.heads), (768, 12, 12));
         } else {
             assert_eq!(i.arch, Arch::Sd2);
-            assert_eq!(i.prediction, Prediction::V);
+            assert_eq!(i.prediction, Prediction::VPrediction);
             assert_eq!(i.unet.heads, vec![5, 10, 20, 20]);
             assert_eq!(i.unet.cross_attention_dim, 1024);
             assert!(i.unet.use_linear_projection);

@@ -40,17 +40,8 @@ impl Arch {
     }
 }
 
-/// What the UNet predicts.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Prediction {
-    /// The added noise (SD1, SD2 512-base).
-    Epsilon,
-    /// v = alpha * noise - sigma * x0 (SD2 768-v).
-    V,
-}
+/// What the UNet predicts: one type shared with the schedule and samplers.
+pub use super::schedule::Prediction;
 
 /// UNet2DConditionModel hyper-parameters (diffusers names).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

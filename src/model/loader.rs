@@ -274,14 +274,14 @@ pub fn from_tensors(
     };
     let prediction = opts.prediction.unwrap_or(if side.found {
         if side.v_prediction {
-            Prediction::V
+            Prediction::VPrediction
         } else {
             Prediction::Epsilon
         }
     } else {
         match arch {
             Arch::Sd1 => Prediction::Epsilon,
-            Arch::Sd2 => Prediction::V,
+            Arch::Sd2 => Prediction::VPrediction,
         }
     });
     let info = ModelInfo {
@@ -420,7 +420,7 @@ fn open_diffusers(dir: &Path, opts: &LoadOptions) -> Result<Checkpoint> {
     };
     let sched = read_json(&dir.join("scheduler/scheduler_config.json")).ok();
     let folder_prediction = match sched.as_ref().and_then(|s| s["prediction_type"].as_str()) {
-        Some("v_prediction") => Prediction::V,
+        Some("v_prediction") => Prediction::VPrediction,
         _ => Prediction::Epsilon,
     };
     let info = ModelInfo {

@@ -8,13 +8,13 @@
 //! shorter one is padded with the encoding of the empty prompt, as webui's CFG denoiser
 //! does.
 
-use super::arch::{Arch, Prediction, UNetParams, VaeParams};
+use super::arch::{Arch, UNetParams, VaeParams};
 use super::clip::ClipTextModel;
 use super::loader::{Checkpoint, ModelInfo};
 use super::prompt::{ChunkOptions, Pad, a1111_prompt};
 use super::rng::TorchRng;
 use super::samplers::{NoiseSource, Sampler, SamplerKind, guided};
-use super::schedule::{DdpmSchedule, Prediction as SchedPrediction};
+use super::schedule::DdpmSchedule;
 use super::tokenizer::ClipTokenizer;
 use super::unet::config::PerBlock;
 use super::unet::{UNet2DConditionModel, UNetConfig};
@@ -226,11 +226,12 @@ pub fn generate(
         (uncond, cond)
     };
     let ctx = Tensor::cat(&[&uncond, &cond], 0)?;
-    let prediction = match m.info.prediction {
-        Prediction::Epsilon => SchedPrediction::Epsilon,
-        Prediction::V => SchedPrediction::VPrediction,
-    };
-    let sampler = Sampler::new(req.sampler, req.steps, prediction, &DdpmSchedule::default())?;
+    let sampler = Sampler::new(
+        req.sampler,
+        req.steps,
+        m.info.prediction,
+        &DdpmSchedule::default(),
+    )?;
     let unet = &m.unet;
     let dtype = unet.dtype();
     let device = noise.device().clone();

@@ -9,13 +9,16 @@ use super::Result;
 use candle_core::{DType, Tensor};
 
 /// Which quantity the model predicts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Prediction {
     /// The added noise (SD 1.x, SD 2.x base).
     Epsilon,
     /// v = sqrt(abar) eps - sqrt(1 - abar) x0 (SD 2.x 768-v).
-    #[serde(alias = "v")]
+    #[serde(rename = "v", alias = "v_prediction")]
+    #[value(name = "v", alias = "v-prediction")]
     VPrediction,
 }
 
