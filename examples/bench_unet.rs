@@ -6,14 +6,14 @@
 //!   cargo run --release --example bench_unet -- profile WEIGHTS [SIZE]
 //!
 //! `fwd` times N forwards, `bwd` N forward+backward passes of sum(out * r) with the weights
-//! frozen (the gradient w.r.t. the latent; candle still computes weight gradients inside
-//! conv/matmul backward). `profile` times each top-level block of one forward and a few
+//! frozen (the gradient w.r.t. the latent only; frozen layers compute no weight gradient). `profile` times each top-level block of one forward and a few
 //! single ops at SD1.5's largest sizes. SIZE is the latent side (64 = 512 px).
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use sdkit::model::Weights;
 use sdkit::model::attention::attention;
+use sdkit::model::grad::mul_frozen;
 use sdkit::model::nn::group_norm;
 use sdkit::model::unet::blocks::BlockInput;
 use sdkit::model::unet::embeddings::timestep_embedding;
@@ -87,7 +87,7 @@ fn main() -> Result<()> {
                 let xv = Var::from_tensor(&x)?;
                 let (g, s) = timed(|| {
                     let out = model.forward(xv.as_tensor(), &t, &ctx)?;
-                    Ok((out * &r)?.sum_all()?.backward()?)
+                    Ok(mul_frozen(&out, &r)?.sum_all()?.backward()?)
                 })?;
                 anyhow::ensure!(
                     g.get(xv.as_tensor()).is_some(),

@@ -7,8 +7,9 @@
 //! which bounds memory by query chunks but keeps them for backprop.
 
 use super::Result;
+use super::grad::{cpu_storage, cpu_tensor};
 use super::nn::softmax_last_dim;
-use candle_core::{CpuStorage, D, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, D, Layout, Shape, Tensor};
 
 /// Tile sizes: queries and keys per tile.
 const BQ: usize = 256;
@@ -101,7 +102,8 @@ impl MemEffAttention {
         Ok(Tensor::cat(&outs, 1)?)
     }
 
-    /// Gradients for q, k, v from tiles recomputed with the row log-sum-exp.
+    /// Gradients for q and, when `want_kv`, k and v, from tiles recomputed with the row
+    /// log-sum-exp. (Cross-attention over a frozen text encoder needs only dq.)
     fn backward(
         &self,
         q: &Tensor,
@@ -109,7 +111,8 @@ impl MemEffAttention {
         v: &Tensor,
         o: &Tensor,
         d_o: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        want_kv: bool,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let delta = (d_o * o)?.sum_keepdim(D::Minus1)?;
         let lk = k.dim(1)?;
         let kb: Vec<(usize, usize)> = blocks(lk, self.bk).collect();
@@ -135,11 +138,15 @@ impl MemEffAttention {
                 let p = (qi.matmul(&kj.t()?)? * self.scale)?
                     .broadcast_sub(&lse)?
                     .exp()?;
-                add(&mut dv[j], p.t()?.matmul(&doi)?)?;
+                if want_kv {
+                    add(&mut dv[j], p.t()?.matmul(&doi)?)?;
+                }
                 let dp = doi.matmul(&vj.t()?)?;
                 let ds = (p * dp.broadcast_sub(&di)?)?;
                 add(&mut dqi, (ds.matmul(&kj)? * self.scale)?)?;
-                add(&mut dk[j], (ds.t()?.matmul(&qi)? * self.scale)?)?;
+                if want_kv {
+                    add(&mut dk[j], (ds.t()?.matmul(&qi)? * self.scale)?)?;
+                }
             }
             dq.push(dqi.expect("at least one key block"));
         }
@@ -147,41 +154,13 @@ impl MemEffAttention {
             let v: Vec<Tensor> = v.into_iter().map(|t| t.expect("filled")).collect();
             Ok(Tensor::cat(&v, 1)?)
         };
-        Ok((Tensor::cat(&dq, 1)?, cat(dk)?, cat(dv)?))
+        let dkv = if want_kv {
+            Some((cat(dk)?, cat(dv)?))
+        } else {
+            None
+        };
+        Ok((Tensor::cat(&dq, 1)?, dkv))
     }
-}
-
-/// A CPU storage viewed as a (copied) tensor.
-fn cpu_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("attention: non-contiguous input".into()))?;
-    let dev = Device::Cpu;
-    match s {
-        CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
-        CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
-        CpuStorage::F16(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
-        CpuStorage::BF16(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
-        _ => Err(candle_core::Error::Msg(
-            "attention: unsupported dtype".into(),
-        )),
-    }
-}
-
-fn cpu_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
-    let flat = t.flatten_all()?;
-    let s = match t.dtype() {
-        DType::F32 => CpuStorage::F32(flat.to_vec1()?),
-        DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-        DType::F16 => CpuStorage::F16(flat.to_vec1()?),
-        DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
-        dt => {
-            return Err(candle_core::Error::Msg(format!(
-                "attention: unsupported dtype {dt:?}"
-            )));
-        }
-    };
-    Ok((s, t.shape().clone()))
 }
 
 fn to_candle<T>(r: Result<T>) -> candle_core::Result<T> {
@@ -221,16 +200,23 @@ impl candle_core::CustomOp3 for MemEffAttention {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Gradients only for inputs backprop tracks: a frozen operand's would be computed
+        // and then held in the GradStore for nothing.
+        let want_kv = k.track_op() || v.track_op();
         let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), res.detach());
-        let (dq, dk, dv) = to_candle(self.backward(&q, &k, &v, &o, &grad_res.detach()))?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        let (dq, dkv) = to_candle(self.backward(&q, &k, &v, &o, &grad_res.detach(), want_kv))?;
+        let (dk, dv) = match dkv {
+            Some((dk, dv)) => (Some(dk), Some(dv)),
+            None => (None, None),
+        };
+        Ok((Some(dq), dk, dv))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         let dev = Device::Cpu;
@@ -299,5 +285,29 @@ mod tests {
             &attention_chunked(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3).unwrap(),
         );
         assert!(e < 1e-5);
+    }
+
+    /// Frozen keys and values (cross-attention over a frozen text encoder): the query
+    /// gradient is unchanged and no k / v gradient is computed or stored.
+    #[test]
+    fn frozen_keys_and_values_get_no_gradient() {
+        let op = MemEffAttention {
+            scale: 0.3,
+            bq: 7,
+            bk: 5,
+        };
+        let q = Var::from_tensor(&randn(&[2, 11, 8], 1)).unwrap();
+        let (k, v) = (randn(&[2, 9, 8], 2), randn(&[2, 9, 6], 3));
+        let r = randn(&[2, 11, 6], 4);
+        let ours = q.as_tensor().apply_op3(&k, &v, op).unwrap();
+        let naive = attention_naive(q.as_tensor(), &k, &v, 0.3).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (naive * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let e = max_rel(
+            g1.get(q.as_tensor()).unwrap(),
+            g2.get(q.as_tensor()).unwrap(),
+        );
+        assert!(e < 1e-5, "gradient rel err {e}");
+        assert!(g1.get(&k).is_none() && g1.get(&v).is_none());
     }
 }

@@ -7,6 +7,7 @@
 //! The token-embedding output can take extra vectors (textual inversion): ids at or above
 //! the vocabulary size index an extra table.
 
+use super::grad::add_frozen;
 use super::nn::{LayerNorm, Linear, gelu, quick_gelu, softmax_last_dim};
 use super::weights::{Param, Weights};
 use super::{ModelError, Result};
@@ -152,7 +153,7 @@ impl Attention {
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let p = softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let p = softmax_last_dim(&add_frozen(&scores, mask)?)?;
         let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, l, width))?;
         self.out_proj.forward(&o)
     }
@@ -292,7 +293,7 @@ impl ClipTextModel {
             }
         };
         let pos = self.position_embedding.tensor().narrow(0, 0, l)?;
-        Ok(tok.reshape((b, l, width))?.broadcast_add(&pos)?)
+        Ok(add_frozen(&tok.reshape((b, l, width))?, &pos)?)
     }
 
     /// Hidden states after the embeddings and after each of the first `n_layers` layers.

@@ -10,6 +10,7 @@ pub mod arch;
 pub mod attention;
 mod clean;
 pub mod clip;
+pub mod grad;
 mod html;
 pub mod keymap;
 pub mod loader;

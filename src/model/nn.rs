@@ -5,6 +5,7 @@
 //! implements (tests in this file prove the gradients flow and match finite differences).
 
 use super::Result;
+use super::grad::{input_grad_only, scale_shift_frozen};
 use super::weights::{Param, Weights};
 use candle_core::{D, DType, Tensor, Var};
 
@@ -48,10 +49,24 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.broadcast_matmul(&self.weight.tensor().t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b.tensor())?;
-        }
+        let (w, b) = (
+            self.weight.tensor().clone(),
+            self.bias.as_ref().map(|b| b.tensor().clone()),
+        );
+        let base = move |x: &Tensor| -> candle_core::Result<Tensor> {
+            let y = x.broadcast_matmul(&w.t()?)?;
+            match &b {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        };
+        let mut y = match (&self.weight, frozen(&self.bias)) {
+            (Param::Frozen(w), true) => {
+                let w = w.clone();
+                input_grad_only(x, base, move |g| g.broadcast_matmul(&w))?
+            }
+            _ => base(x)?,
+        };
         if let Some(d) = &self.delta {
             let h = x.broadcast_matmul(&d.down.as_tensor().t()?)?;
             let h = h.broadcast_matmul(&d.up.as_tensor().t()?)?;
@@ -92,16 +107,61 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.conv2d(self.weight.tensor(), self.padding, self.stride, 1, 1)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.tensor().reshape((1, (), 1, 1))?)?;
-        }
+        let (w, b) = (
+            self.weight.tensor().clone(),
+            self.bias.as_ref().map(|b| b.tensor().clone()),
+        );
+        let (pad, stride) = (self.padding, self.stride);
+        let base = move |x: &Tensor| -> candle_core::Result<Tensor> {
+            let y = x.conv2d(&w, pad, stride, 1, 1)?;
+            match &b {
+                Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+                None => Ok(y),
+            }
+        };
+        let mut y = match (&self.weight, frozen(&self.bias)) {
+            (Param::Frozen(w), true) => {
+                let (w, (_, _, h, wd)) = (w.clone(), x.dims4()?);
+                input_grad_only(x, base, move |g| {
+                    conv2d_input_grad(g, &w, (h, wd), pad, stride)
+                })?
+            }
+            _ => base(x)?,
+        };
         if let Some(d) = &self.delta {
             let h = x.conv2d(d.down.as_tensor(), self.padding, self.stride, 1, 1)?;
             let h = h.conv2d(d.up.as_tensor(), 0, 1, 1, 1)?;
             y = (y + (h * d.scale)?)?;
         }
         Ok(y)
+    }
+}
+
+fn frozen(p: &Option<Param>) -> bool {
+    !matches!(p, Some(Param::Trainable(_)))
+}
+
+/// Gradient of a conv2d (dilation 1) w.r.t. its input of spatial size `(h, w)`: the
+/// transposed convolution, grown by an output padding where the stride dropped input rows
+/// or columns and cut back to the input size (height and width may differ in parity).
+fn conv2d_input_grad(
+    g: &Tensor,
+    w: &Tensor,
+    (h, wd): (usize, usize),
+    pad: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let k = w.dim(2)?;
+    let (_, _, gh, gw) = g.dims4()?;
+    let covered = |n: usize| (n - 1) * stride + k - 2 * pad;
+    let out_pad = h
+        .saturating_sub(covered(gh))
+        .max(wd.saturating_sub(covered(gw)));
+    let dx = g.conv_transpose2d(w, pad, out_pad, stride, 1)?;
+    if dx.dim(2)? == h && dx.dim(3)? == wd {
+        Ok(dx)
+    } else {
+        dx.narrow(2, 0, h)?.narrow(3, 0, wd)
     }
 }
 
@@ -180,7 +240,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let xc = xf.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
-    Ok(y.broadcast_mul(weight)?.broadcast_add(bias)?)
+    Ok(scale_shift_frozen(&y, weight, bias)?)
 }
 
 /// Differentiable group norm for [N, C, ...] input; weight and bias are [C].
@@ -204,8 +264,11 @@ pub fn group_norm(
         .to_dtype(dt)?;
     let mut shape = vec![1, c];
     shape.resize(dims.len(), 1);
-    Ok(y.broadcast_mul(&weight.reshape(shape.as_slice())?)?
-        .broadcast_add(&bias.reshape(shape.as_slice())?)?)
+    Ok(scale_shift_frozen(
+        &y,
+        &weight.reshape(shape.as_slice())?,
+        &bias.reshape(shape.as_slice())?,
+    )?)
 }
 
 /// Differentiable softmax over the last dimension (max-shifted for stability; the shift is
@@ -262,9 +325,13 @@ mod tests {
     }
 
     fn check_grad(op: &dyn Fn(&Tensor) -> Tensor, shape: &[usize]) {
+        check_grad_with(op, shape, &randn(shape, 4).to_dtype(DType::F64).unwrap())
+    }
+
+    /// Gradient of sum(op(x) * r) w.r.t. x against central differences.
+    fn check_grad_with(op: &dyn Fn(&Tensor) -> Tensor, shape: &[usize], r: &Tensor) {
         let x = randn(shape, 3).to_dtype(DType::F64).unwrap();
-        let r = randn(shape, 4).to_dtype(DType::F64).unwrap();
-        let loss = |x: &Tensor| (op(x) * &r).unwrap().sum_all().unwrap();
+        let loss = |x: &Tensor| (op(x) * r).unwrap().sum_all().unwrap();
         let v = Var::from_tensor(&x).unwrap();
         let grads = loss(v.as_tensor()).backward().unwrap();
         let g: Vec<f64> = grads
@@ -275,7 +342,12 @@ mod tests {
             .to_vec1()
             .unwrap();
         let f = |x: &Tensor| loss(x).to_scalar::<f64>().unwrap();
-        for i in [0, 1, g.len() / 2, g.len() - 1] {
+        let all: Vec<usize> = if g.len() <= 200 {
+            (0..g.len()).collect()
+        } else {
+            vec![0, 1, g.len() / 2, g.len() - 1]
+        };
+        for i in all {
             let num = fd(&f, &x, i);
             assert!(
                 (g[i] - num).abs() < 1e-6 * (1.0 + num.abs()),
@@ -310,6 +382,40 @@ mod tests {
         check_grad(&|x| group_norm(x, 3, &w, &b, 1e-5).unwrap(), &[2, 6, 2, 3]);
         check_grad(&|x| quick_gelu(x).unwrap(), &[10]);
         check_grad(&|x| gelu(x).unwrap(), &[10]);
+    }
+
+    /// Frozen layers (input gradient through the custom op): finite differences, also for
+    /// a strided conv over an input whose height and width differ in parity.
+    #[test]
+    fn frozen_layer_input_gradients_match_finite_differences() {
+        let f64t = |shape: &[usize], seed| randn(shape, seed).to_dtype(DType::F64).unwrap();
+        let frozen = |t: Tensor| Param::Frozen(t);
+        for (stride, pad, k) in [(2, 1, 3), (1, 1, 3), (1, 0, 1)] {
+            let conv = Conv2d {
+                weight: frozen(f64t(&[3, 2, k, k], 7)),
+                bias: Some(frozen(f64t(&[3], 8))),
+                delta: None,
+                stride,
+                padding: pad,
+            };
+            let out_shape = conv
+                .forward(&f64t(&[1, 2, 7, 6], 1))
+                .unwrap()
+                .dims()
+                .to_vec();
+            let r = f64t(&out_shape, 9);
+            check_grad_with(&|x| conv.forward(x).unwrap(), &[1, 2, 7, 6], &r);
+        }
+        let lin = Linear {
+            weight: frozen(f64t(&[5, 4], 10)),
+            bias: Some(frozen(f64t(&[5], 11))),
+            delta: None,
+        };
+        check_grad_with(
+            &|x| lin.forward(x).unwrap(),
+            &[2, 3, 4],
+            &f64t(&[2, 3, 5], 12),
+        );
     }
 
     /// The reason these functions exist: candle's fused ops give the input no gradient.

@@ -3,6 +3,7 @@
 //! `conv_shortcut` on `x` when the channel count changes.
 
 use super::super::Result;
+use super::super::grad::add_frozen;
 use super::super::nn::{Conv2d, GroupNorm, Linear};
 use super::super::weights::Weights;
 use candle_core::Tensor;
@@ -58,7 +59,7 @@ impl ResnetBlock2D {
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+        let h = add_frozen(&h, &t)?;
         let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,

@@ -1,0 +1,240 @@
+//! Ops with frozen operands whose backward produces only the input gradient.
+//!
+//! candle's backprop computes a gradient for *both* operands of a matmul, conv or binary op
+//! and keeps it in the `GradStore` until the store is dropped, even when the other operand
+//! is a frozen weight that nobody asked about (a plain tensor, not a `Var`). For a frozen
+//! SD1.5 UNet that is 3.4 GB of weight gradients plus one output-sized tensor for every
+//! frozen bias, norm scale or time-embedding add — and the FLOPs to compute them.
+//!
+//! [`input_grad_only`] runs `f(x)` and records a single custom op on `x` whose backward
+//! is the given `dx = bwd(dy)`; the frozen operands live inside the closures, invisible
+//! to backprop. When `x` is not tracked (inference, or layers before the first trainable
+//! one) it is plain `f(x)`: no copy, no graph.
+
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor};
+use std::sync::Mutex;
+
+type Bwd = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// `f(x)` with backward `dx = bwd(dy)`; the operands captured by `f` and `bwd` get no
+/// gradient. `bwd` must be the exact derivative of `f` with respect to `x`.
+pub fn input_grad_only(
+    x: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    bwd: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+) -> candle_core::Result<Tensor> {
+    if !x.track_op() {
+        return f(x);
+    }
+    let y = f(&x.detach())?;
+    let op = Precomputed {
+        out: Mutex::new(Some(y)),
+        bwd: Box::new(bwd),
+    };
+    x.apply_op1(op)
+}
+
+/// `x + c` (broadcast) where `c` gets no gradient unless it is itself tracked.
+pub fn add_frozen(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
+    if c.track_op() {
+        return x.broadcast_add(c);
+    }
+    let (c, shape) = (c.clone(), x.shape().clone());
+    input_grad_only(
+        x,
+        |x| x.broadcast_add(&c),
+        move |g| {
+            debug_assert_eq!(g.shape(), &shape);
+            Ok(g.clone())
+        },
+    )
+}
+
+/// `x * c` (broadcast) where `c` gets no gradient unless tracked. With candle's `mul`, the
+/// constant's gradient `dy * x` stays in the `GradStore` and, through `x`, keeps the whole
+/// forward graph alive until the store is dropped (a loss weight or mask does exactly this).
+pub fn mul_frozen(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
+    if c.track_op() {
+        return x.broadcast_mul(c);
+    }
+    let (c1, c2) = (c.clone(), c.clone());
+    input_grad_only(
+        x,
+        move |x| x.broadcast_mul(&c1),
+        move |g| g.broadcast_mul(&c2),
+    )
+}
+
+/// `x * w + b` with `w`, `b` broadcast to `x` (a norm's affine tail); `w` and `b` get no
+/// gradient unless tracked.
+pub fn scale_shift_frozen(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if w.track_op() || b.track_op() {
+        return x.broadcast_mul(w)?.broadcast_add(b);
+    }
+    let (w1, b1, w2) = (w.clone(), b.clone(), w.clone());
+    input_grad_only(
+        x,
+        move |x| x.broadcast_mul(&w1)?.broadcast_add(&b1),
+        move |g| g.broadcast_mul(&w2),
+    )
+}
+
+/// The op recorded in the graph: its forward hands over the result computed outside
+/// (taken, so it is held once), its backward calls `bwd`.
+struct Precomputed {
+    out: Mutex<Option<Tensor>>,
+    bwd: Bwd,
+}
+
+impl Precomputed {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        let t = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("input_grad_only: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("input_grad_only: forward run twice".into()))?;
+        // A fresh buffer holding exactly the elements, at offset 0.
+        if t.is_contiguous() && t.layout().start_offset() == 0 {
+            Ok(t)
+        } else {
+            t.contiguous()?.affine(1.0, 0.0)
+        }
+    }
+}
+
+impl CustomOp1 for Precomputed {
+    fn name(&self) -> &'static str {
+        "input-grad-only"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_storage(&self.take()?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let t = self.take()?;
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => Err(candle_core::Error::Msg(
+                "input_grad_only: result not on the CUDA device".into(),
+            )),
+        }
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(grad)?))
+    }
+}
+
+/// A CPU storage (contiguous layout) viewed as a (copied) tensor.
+pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("custom op: non-contiguous input".into()))?;
+    let dev = Device::Cpu;
+    match s {
+        CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
+        CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
+        CpuStorage::F16(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
+        CpuStorage::BF16(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
+        s => Err(candle_core::Error::Msg(format!(
+            "custom op: unsupported dtype {:?}",
+            candle_core::backend::BackendStorage::dtype(s)
+        ))),
+    }
+}
+
+/// A CPU tensor's elements as a fresh storage (for a custom op's forward result).
+pub(crate) fn cpu_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(c) = &*s else {
+        return Err(candle_core::Error::Msg(
+            "custom op: result not on the CPU".into(),
+        ));
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("custom op: non-contiguous result".into()))?;
+    let out = match c {
+        CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[a..b].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[a..b].to_vec()),
+        _ => {
+            return Err(candle_core::Error::Msg(format!(
+                "custom op: unsupported dtype {:?}",
+                t.dtype()
+            )));
+        }
+    };
+    Ok((out, l.shape().clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Same values and input gradient as candle's own ops, and the frozen operand has no
+    /// gradient entry.
+    #[test]
+    fn frozen_operands_get_no_gradient_and_input_gradient_is_unchanged() {
+        let x = Var::from_tensor(&t(&[1., -2., 3., 0.5, 4., -1.], &[2, 3])).unwrap();
+        let w = t(&[2., 3., -1.], &[3]);
+        let b = t(&[0.1, 0.2, 0.3], &[3]);
+        let r = t(&[1., 2., 3., 4., 5., 6.], &[2, 3]);
+        let plain = x
+            .as_tensor()
+            .broadcast_mul(&w)
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let ours = scale_shift_frozen(x.as_tensor(), &w, &b).unwrap();
+        let diff = (&plain - &ours).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        let g_plain = (plain * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, c) = (
+            g_plain.get(x.as_tensor()).unwrap(),
+            g_ours.get(x.as_tensor()).unwrap(),
+        );
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            c.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert!(g_ours.get(&w).is_none() && g_ours.get(&b).is_none());
+
+        let y = add_frozen(x.as_tensor(), &b).unwrap();
+        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            g.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            r.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+
+    /// Untracked input: plain evaluation, nothing recorded.
+    #[test]
+    fn untracked_input_is_plain() {
+        let x = t(&[1., 2.], &[2]);
+        let y = add_frozen(&x, &t(&[1., 1.], &[2])).unwrap();
+        assert!(!y.track_op());
+        assert_eq!(y.to_vec1::<f32>().unwrap(), vec![2., 3.]);
+    }
+}
