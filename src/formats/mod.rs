@@ -1,5 +1,7 @@
 //! External file formats sdkit writes and reads so other tools accept its output.
 //!
 //! `png_params`: the AUTOMATIC1111 `parameters` text chunk (PNG Info) of generated images.
+//! `safetensors`: reading tensors one at a time (peak memory = the tensors, not twice).
 
 pub mod png_params;
+pub mod safetensors;

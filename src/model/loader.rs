@@ -105,8 +105,7 @@ pub fn open(path: &Path, opts: &LoadOptions) -> Result<Checkpoint> {
 }
 
 fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| fail(path, format!("cannot read safetensors: {e}")))
+    crate::formats::safetensors::read_all(path).map_err(|e| fail(path, e))
 }
 
 /// A torch zip checkpoint; the tensors of its `state_dict` entry when it has one.

@@ -45,9 +45,9 @@ impl Weights {
     pub fn from_safetensors(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let source = path.display().to_string();
         let tensors =
-            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::Format {
+            crate::formats::safetensors::read_all(path).map_err(|reason| ModelError::Format {
                 file: source.clone(),
-                reason: format!("cannot read safetensors: {e}"),
+                reason,
             })?;
         Ok(Self::new(&source, tensors, dtype, device))
     }
@@ -103,16 +103,19 @@ impl Weights {
     }
 
     /// Take a parameter: checks the shape, converts, and makes it a `Var` when trainable.
+    /// The stored tensor is removed, so a converted copy (f16 file, f32 compute) does not
+    /// live next to the original.
     pub fn param(&mut self, key: &str, shape: &[usize]) -> Result<Param> {
-        let t = self.raw(key)?;
-        if t.dims() != shape {
+        let found = self.raw(key)?.dims().to_vec();
+        if found != shape {
             return Err(ModelError::Shape {
                 file: self.source.clone(),
                 key: key.to_string(),
-                found: t.dims().to_vec(),
+                found,
                 expected: shape.to_vec(),
             });
         }
+        let t = self.remove(key)?;
         let t = t.to_dtype(self.dtype)?.to_device(&self.device)?;
         if (self.trainable)(key) {
             let v = Var::from_tensor(&t)?;
