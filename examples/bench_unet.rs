@@ -4,10 +4,12 @@
 //!   cargo run --release --example bench_unet -- fwd WEIGHTS [N] [SIZE]
 //!   cargo run --release --example bench_unet -- bwd WEIGHTS [N] [SIZE]
 //!   cargo run --release --example bench_unet -- profile WEIGHTS [SIZE]
+//!   cargo run --release --example bench_unet -- gemm [M]
 //!
 //! `fwd` times N forwards, `bwd` N forward+backward passes of sum(out * r) with the weights
 //! frozen (the gradient w.r.t. the latent only; frozen layers compute no weight gradient). `profile` times each top-level block of one forward and a few
-//! single ops at SD1.5's largest sizes. SIZE is the latent side (64 = 512 px).
+//! single ops at SD1.5's largest sizes. SIZE is the latent side (64 = 512 px). `gemm` times an
+//! f32 M x M x M matmul (candle's GEMM, the `gemm` crate), best of 5.
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
@@ -54,6 +56,9 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
         bail!("usage: bench_unet fwd|bwd|profile WEIGHTS [N] [SIZE]");
+    }
+    if args.first().map(String::as_str) == Some("gemm") {
+        return gemm(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(4096));
     }
     let (mode, path) = (args[0].as_str(), Path::new(&args[1]));
     let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
@@ -165,7 +170,16 @@ fn profile(model: &UNet2DConditionModel, x: &Tensor, t: &Tensor, ctx: &Tensor) -
             .sum_all()?
             .backward()?)
     })?;
-    println!("  same, fwd+bwd           {s:7.3} s");
+    println!("  same, fwd+bwd           {s:7.3} s  (candle's backward, both gradients)");
+    let frozen = sdkit::model::nn::Conv2d {
+        weight: sdkit::model::weights::Param::Frozen(k.clone()),
+        bias: None,
+        delta: None,
+        stride: 1,
+        padding: 1,
+    };
+    let (_, s) = timed(|| Ok(frozen.forward(av.as_tensor())?.sum_all()?.backward()?))?;
+    println!("  same, fwd+bwd           {s:7.3} s  (sdkit frozen Conv2d, input gradient)");
     let (q, kk, v) = (
         randn(&[8, 4096, 40], 6)?,
         randn(&[8, 4096, 40], 7)?,
@@ -200,6 +214,24 @@ fn profile(model: &UNet2DConditionModel, x: &Tensor, t: &Tensor, ctx: &Tensor) -
     println!(
         "sgemm 4096^3              {s:7.3} s  {:6.1} GFLOP/s",
         2.0 * 4096f64.powi(3) / s / 1e9
+    );
+    Ok(())
+}
+
+/// Best of 5 f32 M^3 matmuls through candle (the `gemm` crate, x86-v4 kernels enabled).
+fn gemm(m: usize) -> Result<()> {
+    let a = randn(&[m, m], 1)?;
+    let b = randn(&[m, m], 2)?;
+    let _ = a.matmul(&b)?;
+    let best = (0..5)
+        .map(|_| timed(|| Ok(a.matmul(&b)?)).map(|(_, s)| s))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .fold(f64::INFINITY, f64::min);
+    let flop = 2.0 * (m as f64).powi(3);
+    println!(
+        "sdkit (candle gemm) sgemm {m}^3: best {best:.3} s, {:.1} GFLOP/s",
+        flop / best / 1e9
     );
     Ok(())
 }

@@ -23,6 +23,8 @@ BIN=${CARGO_TARGET_DIR:-target}/$DIR/examples/bench_unet
 [ -f "$W" ] || "$REFPY" bench/unet/torch_unet.py save "$W"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
   "$(free -g | awk '/Mem:/{print $2}') GB RAM; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$REFPY" bench/unet/torch_unet.py gemm 4096 2>&1 | grep -v -i warn
+"$BIN" gemm 4096
 "$REFPY" bench/unet/torch_unet.py fwd "$W" "$N" 2>&1 | grep -v -i warn
 "$BIN" fwd "$W" "$N"
 "$REFPY" bench/unet/torch_unet.py bwd "$W" 1 input 2>&1 | grep -v -i warn

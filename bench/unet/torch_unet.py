@@ -1,6 +1,7 @@
 """diffusers + PyTorch side of bench/unet: a full-size SD1.5-config UNet2DConditionModel with
 random weights, batch 1, f32 on CPU, 64x64 latents (512 px), 77-token context.
 
+  torch_unet.py gemm [M]           time an f32 M x M x M matmul (best of 5)
   torch_unet.py save FILE          write the random weights (safetensors) sdkit then loads
   torch_unet.py fwd FILE [N]       time N forwards (no grad)
   torch_unet.py bwd FILE [N] MODE  time N forward+backward of sum(out * r); MODE `input`
@@ -38,7 +39,20 @@ def peak_gb():
 
 
 def main():
-    mode, path = sys.argv[1], sys.argv[2]
+    mode = sys.argv[1]
+    if mode == "gemm":
+        m = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
+        a, b = torch.randn(m, m), torch.randn(m, m)
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            s = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - s)
+        print(f"pytorch {torch.__version__} sgemm {m}^3: best {best:.3f} s, "
+              f"{2 * m**3 / best / 1e9:.1f} GFLOP/s, threads {torch.get_num_threads()}")
+        return
+    path = sys.argv[2]
     if mode == "save":
         torch.manual_seed(0)
         m = UNet2DConditionModel(**SD15)
