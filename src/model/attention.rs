@@ -1,19 +1,23 @@
-//! Memory-efficient attention: tiled over queries and keys with an online softmax, so the
-//! N x Lq x Lk score matrix is never held (only one bq x bk tile per batch-head at a time),
-//! with its own backward that recomputes the tiles (FlashAttention-style).
+//! Memory-efficient attention: the N x Lq x Lk score matrix is never held, with its own
+//! backward that recomputes scores (FlashAttention-style).
 //!
-//! Inputs are [N, L, D] with N = batch x heads. The forward runs as a candle CustomOp on the
-//! CPU (tile arithmetic in candle tensor ops); other devices use [`attention_chunked`],
-//! which bounds memory by query chunks but keeps them for backprop.
+//! Inputs are [N, L, D] with N = batch x heads. On the CPU it runs as a candle CustomOp:
+//! f32 through the fused kernels of `attention_cpu` (one block of query rows x all keys at
+//! a time, GEMM + one-pass softmax); other dtypes tiled over queries and keys with an online
+//! softmax in candle tensor ops (one bq x bk tile per batch-head). Other devices use
+//! [`attention_chunked`], which bounds memory by query chunks but keeps them for backprop.
 
 use super::Result;
+use super::attention_cpu as fused;
 use super::grad::{cpu_storage, cpu_tensor};
 use super::nn::softmax_last_dim;
-use candle_core::{CpuStorage, D, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, D, DType, Device, Layout, Shape, Tensor};
 
 /// Tile sizes: queries and keys per tile.
-const BQ: usize = 256;
+const BQ: usize = 64;
 const BK: usize = 1024;
+/// Query rows per chunk of the device-independent fallback.
+const CHUNK: usize = 256;
 
 /// Plain attention `softmax(q k^T * scale) v` (materialises N x Lq x Lk): the reference.
 pub fn attention_naive(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
@@ -51,8 +55,8 @@ pub fn attention_tiled(
 pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let lq = q.dim(1)?;
     let mut outs = Vec::new();
-    for s in (0..lq).step_by(BQ) {
-        let qi = q.narrow(1, s, BQ.min(lq - s))?;
+    for s in (0..lq).step_by(CHUNK) {
+        let qi = q.narrow(1, s, CHUNK.min(lq - s))?;
         outs.push(attention_naive(&qi, k, v, scale)?);
     }
     Ok(Tensor::cat(&outs, 1)?)
@@ -70,6 +74,27 @@ fn blocks(len: usize, b: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 impl MemEffAttention {
+    /// Sizes for the fused kernel from q [N, Lq, D], k [N, Lk, D], v [N, Lk, Dv].
+    fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<fused::Dims> {
+        match (q, k, v) {
+            (&[n, lq, d], &[n2, lk, d2], &[n3, lk2, dv])
+                if n == n2 && n == n3 && d == d2 && lk == lk2 =>
+            {
+                Ok(fused::Dims {
+                    n,
+                    lq,
+                    lk,
+                    d,
+                    dv,
+                    bq: self.bq,
+                })
+            }
+            _ => Err(candle_core::Error::Msg(format!(
+                "attention: incompatible shapes q {q:?}, k {k:?}, v {v:?}"
+            ))),
+        }
+    }
+
     /// Output block and its row log-sum-exp for queries `qi` [N, bq, D] (online softmax).
     fn forward_block(&self, qi: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (n, bq, _) = qi.dims3()?;
@@ -163,6 +188,14 @@ impl MemEffAttention {
     }
 }
 
+/// The elements of a contiguous f32 CPU storage.
+fn f32_slice<'a>(v: &'a [f32], l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("attention: non-contiguous input".into()))?;
+    Ok(&v[a..b])
+}
+
 fn to_candle<T>(r: Result<T>) -> candle_core::Result<T> {
     r.map_err(|e| match e {
         super::ModelError::Candle(e) => e,
@@ -184,6 +217,17 @@ impl candle_core::CustomOp3 for MemEffAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) = (s1, s2, s3) {
+            let dm = self.dims(l1.dims(), l2.dims(), l3.dims())?;
+            let out = fused::forward(
+                f32_slice(a, l1)?,
+                f32_slice(b, l2)?,
+                f32_slice(c, l3)?,
+                dm,
+                self.scale as f32,
+            );
+            return Ok((CpuStorage::F32(out), Shape::from((dm.n, dm.lq, dm.dv))));
+        }
         let (q, k, v) = (
             cpu_tensor(s1, l1)?,
             cpu_tensor(s2, l2)?,
@@ -203,6 +247,22 @@ impl candle_core::CustomOp3 for MemEffAttention {
         // Gradients only for inputs backprop tracks: a frozen operand's would be computed
         // and then held in the GradStore for nothing.
         let want_kv = k.track_op() || v.track_op();
+        if q.dtype() == DType::F32 && q.device().is_cpu() {
+            let dm = self.dims(q.dims(), k.dims(), v.dims())?;
+            let flat = |t: &Tensor| t.detach().flatten_all()?.to_vec1::<f32>();
+            let (fq, fk, fv, fo) = (flat(q)?, flat(k)?, flat(v)?, flat(grad_res)?);
+            let (dq, dkv) = fused::backward((&fq, &fk, &fv, &fo), dm, self.scale as f32, want_kv);
+            let cpu = Device::Cpu;
+            let dq = Tensor::from_vec(dq, q.shape(), &cpu)?;
+            return Ok(match dkv {
+                Some((dk, dv)) => (
+                    Some(dq),
+                    Some(Tensor::from_vec(dk, k.shape(), &cpu)?),
+                    Some(Tensor::from_vec(dv, v.shape(), &cpu)?),
+                ),
+                None => (Some(dq), None, None),
+            });
+        }
         let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), res.detach());
         let (dq, dkv) = to_candle(self.backward(&q, &k, &v, &o, &grad_res.detach(), want_kv))?;
         let (dk, dv) = match dkv {

@@ -8,6 +8,7 @@
 
 pub mod arch;
 pub mod attention;
+mod attention_cpu;
 mod clean;
 pub mod clip;
 pub mod grad;
