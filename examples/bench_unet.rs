@@ -23,6 +23,16 @@ use sdkit::model::unet::{UNet2DConditionModel, UNetConfig};
 use std::path::Path;
 use std::time::Instant;
 
+// The allocator and its options as in src/main.rs (the sdkit binary), so the timings are
+// the binary's.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+#[cfg(not(target_env = "msvc"))]
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 36] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1\0";
+
 fn peak_rss_gb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
