@@ -57,7 +57,7 @@ pub struct CheckOptions {
     #[arg(long, value_name = "TAG", help_heading = "Training")]
     pub trigger: Option<String>,
     /// kohya's max_token_length: captions with more CLIP tokens lose their tail.
-    #[arg(long, default_value_t = 75, value_parser = parse_max_token_length, help_heading = "Training")]
+    #[arg(long, default_value_t = 75, value_parser = super::parse_max_token_length, help_heading = "Training")]
     pub max_token_length: usize,
 
     /// Caption file extension (kohya --caption_extension).
@@ -97,13 +97,6 @@ impl Default for CheckOptions {
             json: false,
             quiet: false,
         }
-    }
-}
-
-fn parse_max_token_length(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n @ (75 | 150 | 225)) => Ok(n),
-        _ => Err(format!("{s:?}: kohya accepts 75, 150 or 225")),
     }
 }
 

@@ -49,6 +49,14 @@ into ./.venv or the active virtualenv."
 }
 
 /// Parses argv, expanding `--config` recipes first.
+/// `--max-token-length` (check, tokens): the values kohya's `max_token_length` accepts.
+pub(crate) fn parse_max_token_length(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ (75 | 150 | 225)) => Ok(n),
+        _ => Err(format!("{s:?}: kohya accepts 75, 150 or 225")),
+    }
+}
+
 pub fn parse() -> anyhow::Result<Cli> {
     let args = config::expand(std::env::args_os().collect(), &Cli::command())?;
     Ok(Cli::parse_from(args))

@@ -31,7 +31,7 @@ pub struct TokensArgs {
     #[arg(long, value_enum, default_value_t = Pad::Sd1)]
     pub pad: Pad,
     /// kohya's max_token_length (75, 150 or 225): captions longer lose their tail.
-    #[arg(long, default_value_t = 75, value_parser = parse_max_token_length)]
+    #[arg(long, default_value_t = 75, value_parser = super::parse_max_token_length)]
     pub max_token_length: usize,
     /// A1111 "Prompt word wrap length limit": a full chunk moves the text after its last
     /// comma to the next chunk if the comma is within this many tokens (0 = off).
@@ -64,15 +64,9 @@ impl Default for TokensArgs {
     }
 }
 
-fn parse_max_token_length(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n @ (75 | 150 | 225)) => Ok(n),
-        _ => Err(format!("{s:?}: kohya accepts 75, 150 or 225")),
-    }
-}
-
 pub fn run(args: TokensArgs) -> anyhow::Result<i32> {
-    parse_max_token_length(&args.max_token_length.to_string()).map_err(anyhow::Error::msg)?;
+    super::parse_max_token_length(&args.max_token_length.to_string())
+        .map_err(anyhow::Error::msg)?;
     match (&args.prompt, &args.captions) {
         (_, Some(dir)) => run_captions(&args, dir),
         (Some(p), None) => run_prompt(&args, p),

@@ -7,6 +7,7 @@
 //! The token-embedding output can take extra vectors (textual inversion): ids at or above
 //! the vocabulary size index an extra table.
 
+use super::arch::count_indexed;
 use super::grad::add_frozen;
 use super::nn::{LayerNorm, Linear, gelu, quick_gelu, softmax_last_dim};
 use super::weights::{Param, Weights};
@@ -66,7 +67,7 @@ pub fn detect(w: &Weights) -> Option<ClipKind> {
 /// `in_proj` into q/k/v. Unused tensors (`text_projection`, `logit_scale`) are left alone.
 pub fn map_open_clip_keys(w: &mut Weights) -> Result<()> {
     let p = SD2_SINGLE_FILE;
-    let layers = count_layers(w, &format!("{p}transformer.resblocks."));
+    let layers = count_indexed(w, &format!("{p}transformer.resblocks."));
     let mv = |w: &mut Weights, from: String, to: String| -> Result<()> {
         let t = w.remove(&from)?;
         w.insert(to, t);
@@ -115,20 +116,6 @@ pub fn map_open_clip_keys(w: &mut Weights) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn count_layers(w: &Weights, prefix: &str) -> usize {
-    w.keys()
-        .filter_map(|k| {
-            k.strip_prefix(prefix)?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .map(|i| i + 1)
-        .max()
-        .unwrap_or(0)
 }
 
 pub struct Attention {
@@ -226,7 +213,7 @@ impl ClipTextModel {
             kind,
             vocab,
             width,
-            layers: count_layers(w, &format!("{HF}encoder.layers.")),
+            layers: count_indexed(w, &format!("{HF}encoder.layers.")),
             heads,
             intermediate: fc1[0],
             max_positions: pos[0],
