@@ -11,7 +11,7 @@ use super::Result;
 use super::attention_cpu as fused;
 use super::grad::{cpu_storage, cpu_tensor};
 use super::nn::softmax_last_dim;
-use candle_core::{CpuStorage, D, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, D, DType, Device, Layout, Shape, Storage, Tensor};
 
 /// Tile sizes: queries and keys per tile.
 const BQ: usize = 64;
@@ -196,6 +196,16 @@ fn f32_slice<'a>(v: &'a [f32], l: &Layout) -> candle_core::Result<&'a [f32]> {
     Ok(&v[a..b])
 }
 
+/// The elements of a contiguous f32 tensor's CPU storage.
+fn f32_of<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(v)) => f32_slice(v, l),
+        _ => Err(candle_core::Error::Msg(
+            "attention: expected an f32 CPU tensor".into(),
+        )),
+    }
+}
+
 fn to_candle<T>(r: Result<T>) -> candle_core::Result<T> {
     r.map_err(|e| match e {
         super::ModelError::Candle(e) => e,
@@ -249,9 +259,22 @@ impl candle_core::CustomOp3 for MemEffAttention {
         let want_kv = k.track_op() || v.track_op();
         if q.dtype() == DType::F32 && q.device().is_cpu() {
             let dm = self.dims(q.dims(), k.dims(), v.dims())?;
-            let flat = |t: &Tensor| t.detach().flatten_all()?.to_vec1::<f32>();
-            let (fq, fk, fv, fo) = (flat(q)?, flat(k)?, flat(v)?, flat(grad_res)?);
-            let (dq, dkv) = fused::backward((&fq, &fk, &fv, &fo), dm, self.scale as f32, want_kv);
+            let g = grad_res.contiguous()?;
+            let (sq, lq) = q.storage_and_layout();
+            let (sk, lk) = k.storage_and_layout();
+            let (sv, lv) = v.storage_and_layout();
+            let (sg, lg) = g.storage_and_layout();
+            let (dq, dkv) = fused::backward(
+                (
+                    f32_of(&sq, lq)?,
+                    f32_of(&sk, lk)?,
+                    f32_of(&sv, lv)?,
+                    f32_of(&sg, lg)?,
+                ),
+                dm,
+                self.scale as f32,
+                want_kv,
+            );
             let cpu = Device::Cpu;
             let dq = Tensor::from_vec(dq, q.shape(), &cpu)?;
             return Ok(match dkv {
