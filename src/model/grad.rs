@@ -39,15 +39,7 @@ pub fn add_frozen(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
     if c.track_op() {
         return x.broadcast_add(c);
     }
-    let (c, shape) = (c.clone(), x.shape().clone());
-    input_grad_only(
-        x,
-        |x| x.broadcast_add(&c),
-        move |g| {
-            debug_assert_eq!(g.shape(), &shape);
-            Ok(g.clone())
-        },
-    )
+    input_grad_only(x, |x| x.broadcast_add(c), |g| Ok(g.clone()))
 }
 
 /// `x * c` (broadcast) where `c` gets no gradient unless tracked. With candle's `mul`, the
@@ -57,12 +49,8 @@ pub fn mul_frozen(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
     if c.track_op() {
         return x.broadcast_mul(c);
     }
-    let (c1, c2) = (c.clone(), c.clone());
-    input_grad_only(
-        x,
-        move |x| x.broadcast_mul(&c1),
-        move |g| g.broadcast_mul(&c2),
-    )
+    let c2 = c.clone();
+    input_grad_only(x, |x| x.broadcast_mul(c), move |g| g.broadcast_mul(&c2))
 }
 
 /// `x * w + b` with `w`, `b` broadcast to `x` (a norm's affine tail); `w` and `b` get no
@@ -71,10 +59,10 @@ pub fn scale_shift_frozen(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Re
     if w.track_op() || b.track_op() {
         return x.broadcast_mul(w)?.broadcast_add(b);
     }
-    let (w1, b1, w2) = (w.clone(), b.clone(), w.clone());
+    let w2 = w.clone();
     input_grad_only(
         x,
-        move |x| x.broadcast_mul(&w1)?.broadcast_add(&b1),
+        |x| x.broadcast_mul(w)?.broadcast_add(b),
         move |g| g.broadcast_mul(&w2),
     )
 }

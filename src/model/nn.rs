@@ -49,14 +49,10 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (w, b) = (
-            self.weight.tensor().clone(),
-            self.bias.as_ref().map(|b| b.tensor().clone()),
-        );
-        let base = move |x: &Tensor| -> candle_core::Result<Tensor> {
-            let y = x.broadcast_matmul(&w.t()?)?;
-            match &b {
-                Some(b) => y.broadcast_add(b),
+        let base = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let y = x.broadcast_matmul(&self.weight.tensor().t()?)?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(b.tensor()),
                 None => Ok(y),
             }
         };
@@ -107,15 +103,11 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (w, b) = (
-            self.weight.tensor().clone(),
-            self.bias.as_ref().map(|b| b.tensor().clone()),
-        );
         let (pad, stride) = (self.padding, self.stride);
-        let base = move |x: &Tensor| -> candle_core::Result<Tensor> {
-            let y = x.conv2d(&w, pad, stride, 1, 1)?;
-            match &b {
-                Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        let base = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let y = x.conv2d(self.weight.tensor(), pad, stride, 1, 1)?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(&b.tensor().reshape((1, (), 1, 1))?),
                 None => Ok(y),
             }
         };
