@@ -3,6 +3,7 @@
 //! The modules follow the data: `dataset` (scan, decode, resize, bucket, layout,
 //! captions) feeds the later stages. `cli` is a thin layer over the library.
 
+pub mod adapters;
 pub mod caption;
 pub mod check;
 pub mod cli;
@@ -12,4 +13,5 @@ pub mod matte;
 pub mod model;
 pub mod review;
 pub mod tag;
+pub mod train;
 pub mod util;

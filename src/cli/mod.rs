@@ -11,6 +11,7 @@ pub mod review;
 pub mod sample;
 pub mod tag;
 pub mod tokens;
+pub mod train;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +47,11 @@ into ./.venv or the active virtualenv."
     Sample(sample::SampleArgs),
     /// Dataset doctor: image counts, steps, duplicates, small images, captions, trigger, buckets.
     Check(check::CheckOptions),
+    /// Train an adapter (LoRA / LoCon) on a kohya-style dataset.
+    #[command(
+        after_help = "Example:\n  sdkit train lora --model model.safetensors --data train/ --out lora/ --output-name ron --network-dim 32 --network-alpha 16 --learning-rate 1e-4 --max-train-epochs 10"
+    )]
+    Train(train::TrainArgs),
 }
 
 /// Parses argv, expanding `--config` recipes first.
@@ -72,5 +78,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tag(a) => tag::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Check(o) => check::run(o),
+        Command::Train(a) => train::run(a),
     }
 }

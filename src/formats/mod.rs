@@ -2,6 +2,9 @@
 //!
 //! `png_params`: the AUTOMATIC1111 `parameters` text chunk (PNG Info) of generated images.
 //! `safetensors`: reading tensors one at a time (peak memory = the tensors, not twice).
+//! `kohya_lora`: LoRA files with kohya's metadata and hashes. `tensorboard`: event files.
 
+pub mod kohya_lora;
 pub mod png_params;
 pub mod safetensors;
+pub mod tensorboard;

@@ -6,27 +6,20 @@
 //! weights, low-rank delta slots, differentiable norms and softmax), `weights` the tensor
 //! map they load from, `clip` the SD1 / SD2 text encoders, `attention` the tiled attention.
 
-pub mod arch;
-pub mod attention;
-mod attention_cpu;
-mod clean;
-pub mod clip;
-pub mod grad;
-mod html;
-pub mod keymap;
-pub mod loader;
+pub mod io;
 pub mod nn;
-pub mod pipeline;
-pub mod prompt;
-pub mod rng;
-pub mod samplers;
-pub mod schedule;
-pub mod tokenizer;
+pub mod sampling;
+pub mod text;
 pub mod unet;
 pub mod vae;
-pub mod weights;
 
-pub use clean::clean as clean_text;
+// The parts by their short names (`model::clip`, `model::loader`, ...).
+pub use io::{arch, keymap, loader, weights};
+pub use nn::{attention, grad};
+pub use sampling::{pipeline, rng, samplers, schedule};
+pub use text::{clip, prompt, tokenizer};
+
+pub use text::clean as clean_text;
 pub use tokenizer::{BOS, ClipTokenizer, EOS};
 pub use weights::Weights;
 

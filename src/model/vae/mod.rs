@@ -189,6 +189,11 @@ impl AutoencoderKL {
         })
     }
 
+    /// The compute dtype (that of the weights).
+    pub fn dtype(&self) -> DType {
+        self.encoder.conv_in.weight.tensor().dtype()
+    }
+
     /// Load a diffusers VAE folder (`config.json` + `diffusion_pytorch_model.safetensors`),
     /// or a model folder that has it under `vae/`.
     pub fn from_diffusers(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {

@@ -4,9 +4,9 @@
 //! inputs silently get no gradient. Everything here is built from ops whose backward candle
 //! implements (tests in this file prove the gradients flow and match finite differences).
 
-use super::Result;
 use super::grad::{input_grad_only, scale_shift_frozen};
-use super::weights::{Param, Weights};
+use crate::model::Result;
+use crate::model::weights::{Param, Weights};
 use candle_core::{D, DType, Tensor, Var};
 
 /// A low-rank delta `up(down(x)) * scale` added to a layer's output (LoRA / LoCon).
@@ -64,8 +64,10 @@ impl Linear {
             _ => base(x)?,
         };
         if let Some(d) = &self.delta {
-            let h = x.broadcast_matmul(&d.down.as_tensor().t()?)?;
-            let h = h.broadcast_matmul(&d.up.as_tensor().t()?)?;
+            // Adapter factors are f32 Vars; they compute in the layer's dtype.
+            let dt = x.dtype();
+            let h = x.broadcast_matmul(&d.down.as_tensor().to_dtype(dt)?.t()?)?;
+            let h = h.broadcast_matmul(&d.up.as_tensor().to_dtype(dt)?.t()?)?;
             y = (y + (h * d.scale)?)?;
         }
         Ok(y)
@@ -121,8 +123,15 @@ impl Conv2d {
             _ => base(x)?,
         };
         if let Some(d) = &self.delta {
-            let h = x.conv2d(d.down.as_tensor(), self.padding, self.stride, 1, 1)?;
-            let h = h.conv2d(d.up.as_tensor(), 0, 1, 1, 1)?;
+            let dt = x.dtype();
+            let h = x.conv2d(
+                &d.down.as_tensor().to_dtype(dt)?,
+                self.padding,
+                self.stride,
+                1,
+                1,
+            )?;
+            let h = h.conv2d(&d.up.as_tensor().to_dtype(dt)?, 0, 1, 1, 1)?;
             y = (y + (h * d.scale)?)?;
         }
         Ok(y)

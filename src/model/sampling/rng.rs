@@ -9,7 +9,7 @@
 //! elements use the scalar double-precision Box-Muller (53-bit uniforms, `log1p`), which
 //! returns the cosine sample and caches the sine sample for the next draw.
 
-use super::Result;
+use crate::model::Result;
 use candle_core::{Device, Tensor};
 
 const N: usize = 624;

@@ -8,18 +8,18 @@
 //! shorter one is padded with the encoding of the empty prompt, as webui's CFG denoiser
 //! does.
 
-use super::arch::{Arch, UNetParams, VaeParams};
-use super::clip::ClipTextModel;
-use super::loader::{Checkpoint, ModelInfo};
-use super::prompt::{ChunkOptions, Pad, a1111_prompt};
 use super::rng::TorchRng;
 use super::samplers::{NoiseSource, Sampler, SamplerKind, guided};
 use super::schedule::DdpmSchedule;
-use super::tokenizer::ClipTokenizer;
-use super::unet::config::PerBlock;
-use super::unet::{UNet2DConditionModel, UNetConfig};
-use super::vae::{AutoencoderKL, VaeConfig, tensor_to_images};
-use super::{ModelError, Result};
+use crate::model::arch::{Arch, UNetParams, VaeParams};
+use crate::model::clip::ClipTextModel;
+use crate::model::loader::{Checkpoint, ModelInfo};
+use crate::model::prompt::{ChunkOptions, Pad, a1111_prompt};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::config::PerBlock;
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::vae::{AutoencoderKL, VaeConfig, tensor_to_images};
+use crate::model::{ModelError, Result};
 use candle_core::{D, DType, Device, Tensor};
 
 fn prompt_err(reason: String) -> ModelError {
@@ -66,7 +66,7 @@ pub fn encode_prompt(
         parts.push(apply_emphasis(&z, &c.weights)?.to_dtype(dtype)?);
     }
     Ok(Conditioning {
-        hidden: Tensor::cat(&parts, 1)?,
+        hidden: Tensor::cat(&parts, 1)?.detach(),
         ids: chunks.into_iter().map(|c| c.tokens).collect(),
     })
 }
@@ -240,7 +240,8 @@ pub fn generate(
             let ts = Tensor::new(&[t as f32], &device)?;
             let out = unet.forward(&x.to_dtype(dtype)?, &ts, &ctx)?;
             on_step();
-            Ok(out.to_dtype(DType::F32)?)
+            // Inference: no graph kept across steps (adapter Vars would track one).
+            Ok(out.to_dtype(DType::F32)?.detach())
         },
         req.cfg,
     );

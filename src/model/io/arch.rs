@@ -11,9 +11,9 @@
 //! config implies, with its shape, so a loader names all missing and unexpected tensors at
 //! once instead of failing on the first.
 
-use super::clip::ClipKind;
 use super::weights::Weights;
-use super::{ModelError, Result};
+use crate::model::clip::ClipKind;
+use crate::model::{ModelError, Result};
 
 /// Stable Diffusion family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -41,7 +41,7 @@ impl Arch {
 }
 
 /// What the UNet predicts: one type shared with the schedule and samplers.
-pub use super::schedule::Prediction;
+pub use crate::model::schedule::Prediction;
 
 /// UNet2DConditionModel hyper-parameters (diffusers names).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

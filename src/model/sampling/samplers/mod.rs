@@ -27,7 +27,7 @@
 mod grids;
 
 use super::schedule::{DdpmSchedule, Prediction};
-use super::{ModelError, Result};
+use crate::model::{ModelError, Result};
 use candle_core::Tensor;
 
 pub use grids::{ddim_timesteps, euler_grid, karras_grid};

@@ -5,7 +5,7 @@
 //! `alphas_cumprod` like torch's float32 `cumprod` (accumulated in f64, stored as f32), so the
 //! tables match diffusers to the last bit or within one f32 rounding.
 
-use super::Result;
+use crate::model::Result;
 use candle_core::{DType, Tensor};
 
 /// Which quantity the model predicts.

@@ -5,7 +5,7 @@
 //! are collected, so a trainer can hand them to an optimiser and read their gradients;
 //! every other parameter is a plain tensor that backprop never tracks.
 
-use super::{ModelError, Result};
+use crate::model::{ModelError, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;

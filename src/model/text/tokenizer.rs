@@ -27,7 +27,7 @@ const START_TEXT: &str = "<|startoftext|>";
 const END_TEXT: &str = "<|endoftext|>";
 const CACHE_LIMIT: usize = 200_000;
 
-static MERGES_GZ: &[u8] = include_bytes!("../../models/clip/bpe_simple_vocab_16e6.txt.gz");
+static MERGES_GZ: &[u8] = include_bytes!("../../../models/clip/bpe_simple_vocab_16e6.txt.gz");
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {

@@ -19,7 +19,7 @@
 use super::arch::{self, Arch, Prediction, TextParams, UNetParams, VaeParams};
 use super::keymap::{self, LDM_CLIP_SD1, LDM_CLIP_SD2, LDM_SDXL, LDM_UNET, LDM_VAE};
 use super::weights::Weights;
-use super::{ModelError, Result, clip};
+use crate::model::{ModelError, Result, clip};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -7,11 +7,11 @@
 //! The token-embedding output can take extra vectors (textual inversion): ids at or above
 //! the vocabulary size index an extra table.
 
-use super::arch::count_indexed;
-use super::grad::add_frozen;
-use super::nn::{LayerNorm, Linear, gelu, quick_gelu, softmax_last_dim};
-use super::weights::{Param, Weights};
-use super::{ModelError, Result};
+use crate::model::arch::count_indexed;
+use crate::model::grad::add_frozen;
+use crate::model::nn::{LayerNorm, Linear, gelu, quick_gelu, softmax_last_dim};
+use crate::model::weights::{Param, Weights};
+use crate::model::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 
 const HF: &str = "text_model.";

@@ -7,10 +7,10 @@
 //! softmax in candle tensor ops (one bq x bk tile per batch-head). Other devices use
 //! [`attention_chunked`], which bounds memory by query chunks but keeps them for backprop.
 
-use super::Result;
 use super::attention_cpu as fused;
 use super::grad::{cpu_storage, cpu_tensor};
-use super::nn::softmax_last_dim;
+use crate::model::Result;
+use crate::model::nn::softmax_last_dim;
 use candle_core::{CpuStorage, D, DType, Device, Layout, Shape, Storage, Tensor};
 
 /// Tile sizes: queries and keys per tile.
@@ -208,7 +208,7 @@ fn f32_of<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
 
 fn to_candle<T>(r: Result<T>) -> candle_core::Result<T> {
     r.map_err(|e| match e {
-        super::ModelError::Candle(e) => e,
+        crate::model::ModelError::Candle(e) => e,
         e => candle_core::Error::Msg(e.to_string()),
     })
 }

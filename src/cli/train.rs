@@ -1,0 +1,153 @@
+//! `sdkit train <method>`: parse, run the trainer, print the plan / summary.
+
+use crate::train::options::LoraOptions;
+use crate::train::run::{self, Plan, Progress, TrainError};
+use crate::util::progress;
+use indicatif::ProgressBar;
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[command(subcommand)]
+    pub method: Method,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Method {
+    /// LoRA / LoCon (kohya networks.lora): files webui, ComfyUI, kohya and diffusers load.
+    Lora(LoraOptions),
+}
+
+struct Bar {
+    pb: Option<ProgressBar>,
+    hidden: bool,
+}
+
+impl Progress for Bar {
+    fn start(&mut self, total: u64, done: u64) {
+        let pb = progress::bar(total, "train", self.hidden);
+        pb.set_position(done);
+        self.pb = Some(pb);
+    }
+    fn step(&mut self, _step: u64, loss: f64, lr: f64) {
+        if let Some(pb) = &self.pb {
+            pb.inc(1);
+            pb.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+        }
+    }
+    fn message(&mut self, msg: &str) {
+        match &self.pb {
+            Some(pb) if !self.hidden => pb.println(msg),
+            _ => {}
+        }
+    }
+    fn caching(&mut self, total: u64) -> Box<dyn FnMut() + '_> {
+        let pb = progress::bar(total, "latents", self.hidden);
+        Box::new(move || {
+            pb.inc(1);
+            if pb.position() >= total {
+                pb.finish_and_clear();
+            }
+        })
+    }
+    fn finish(&mut self) {
+        if let Some(pb) = &self.pb {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+fn print_plan(p: &Plan) {
+    println!("model {} ({}, {})", p.model.display(), p.arch, p.prediction);
+    for f in &p.folders {
+        println!(
+            "  {:<5} {} : {} images x {} repeats",
+            if f.is_reg { "reg" } else { "train" },
+            f.dir.display(),
+            f.images,
+            f.repeats
+        );
+    }
+    println!(
+        "samples per epoch: {} train + {} reg",
+        p.train_samples, p.reg_samples
+    );
+    let b: Vec<String> = p
+        .buckets
+        .iter()
+        .map(|((w, h), n)| format!("{w}x{h}: {n}"))
+        .collect();
+    println!("buckets: {}", b.join(", "));
+    println!(
+        "batches per epoch {}, steps per epoch {}, epochs {}, total steps {} (warmup {})",
+        p.batches_per_epoch, p.steps_per_epoch, p.epochs, p.total_steps, p.warmup_steps
+    );
+    println!(
+        "LoRA modules: {} UNet + {} text encoder, {} trainable parameters",
+        p.unet_modules, p.text_encoder_modules, p.trainable_parameters
+    );
+    println!(
+        "memory estimate: {:.1} GB; seed {}",
+        p.memory_estimate_gb, p.seed
+    );
+    for s in p.skipped.iter().take(10) {
+        println!("skipped: {s}");
+    }
+}
+
+fn exit_for(e: &TrainError) -> i32 {
+    match e {
+        TrainError::Input(_) => 2,
+        TrainError::Run(_) => 1,
+    }
+}
+
+pub fn run(a: TrainArgs) -> anyhow::Result<i32> {
+    let Method::Lora(o) = a.method;
+    if o.dry_run {
+        return match run::plan(&o) {
+            Ok(p) => {
+                if o.json {
+                    println!("{}", serde_json::to_string_pretty(&p)?);
+                } else {
+                    print_plan(&p);
+                }
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(exit_for(&e))
+            }
+        };
+    }
+    let mut bar = Bar {
+        pb: None,
+        hidden: o.quiet || o.json,
+    };
+    match run::train_lora(&o, &mut bar) {
+        Ok(r) => {
+            if o.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else if !o.quiet {
+                for s in &r.plan.skipped {
+                    eprintln!("warning: skipped {s}");
+                }
+                println!(
+                    "{} steps in {:.1}s, final loss {}",
+                    r.steps,
+                    r.seconds,
+                    r.final_loss
+                        .map(|l| format!("{l:.4}"))
+                        .unwrap_or("-".into())
+                );
+                for p in &r.saved {
+                    println!("saved {}", p.display());
+                }
+            }
+            Ok(if r.plan.skipped.is_empty() { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(exit_for(&e))
+        }
+    }
+}

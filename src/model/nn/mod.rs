@@ -1,0 +1,11 @@
+//! Layers with diffusers paths and adapter slots (`layers`), the named-layer walk adapters
+//! attach through (`walk`), frozen-operand ops whose backward skips weight gradients
+//! (`grad`), and the tiled / fused attention.
+
+pub mod attention;
+mod attention_cpu;
+pub mod grad;
+mod layers;
+
+pub use layers::*;
+pub mod walk;

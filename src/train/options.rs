@@ -1,0 +1,310 @@
+//! Options of `sdkit train lora` with kohya sd-scripts' names and defaults (flags and
+//! recipe keys are the same: `--network-dim` / `network-dim:` / `network_dim:`).
+
+use super::lr::LrScheduler;
+use super::objective::{HuberSchedule, LossType};
+use super::optim::OptimizerKind;
+use crate::model::schedule::Prediction;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Weights' compute precision (kohya `--mixed_precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    No,
+    Fp16,
+    Bf16,
+}
+
+/// Precision of saved files (kohya `--save_precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SavePrecision {
+    #[value(name = "fp32", alias = "float")]
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+/// Sampler of the sample images during training (kohya `--sample_sampler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SampleSampler {
+    Ddim,
+    #[value(name = "euler_a", alias = "k_euler_a", alias = "euler-a")]
+    EulerA,
+    #[value(name = "dpm++2m-karras", alias = "k_dpm_2m_karras")]
+    DpmPp2mKarras,
+}
+
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[command(after_help = "Examples:\n  \
+    sdkit train lora --model v1-5-pruned-emaonly.safetensors --data train/ --out lora/ \\\n    \
+    --output-name ron --network-dim 32 --network-alpha 16 --learning-rate 1e-4 --max-train-epochs 10\n  \
+    sdkit train lora --config recipes/lora-character.yaml --data train/ --out lora/ --dry-run\n\n\
+DATA is a kohya train_data_dir (<repeats>_<name> folders) or the folder `sdkit prep` wrote\n\
+(its img/ and reg/ are both used). Files: OUT/NAME.safetensors, OUT/NAME-000004.safetensors\n\
+per saved epoch, OUT/NAME-state/ with --save-state.")]
+pub struct LoraOptions {
+    /// Checkpoint: diffusers folder, single-file .safetensors or .ckpt (SD 1.x / 2.x).
+    #[arg(long, value_name = "CKPT", alias = "pretrained-model-name-or-path")]
+    pub model: PathBuf,
+    /// Training images: kohya `<repeats>_<name>` folders, or `sdkit prep` output.
+    #[arg(long, value_name = "DIR", alias = "train-data-dir")]
+    pub data: PathBuf,
+    /// Regularisation images (`<repeats>_<class>` folders), besides a `reg/` inside DATA.
+    #[arg(long, value_name = "DIR", alias = "reg-data-dir")]
+    pub reg: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, value_name = "DIR", alias = "output-dir")]
+    pub out: PathBuf,
+    /// File name of the LoRA without extension.
+    #[arg(long, default_value = "last")]
+    pub output_name: String,
+    /// Training resolution: `512` or `WIDTH,HEIGHT`; its area sets the buckets.
+    #[arg(long, default_value = "512")]
+    pub resolution: String,
+    #[arg(long, default_value_t = 256)]
+    pub min_bucket_reso: u32,
+    #[arg(long, default_value_t = 1024)]
+    pub max_bucket_reso: u32,
+    #[arg(long, default_value_t = 64)]
+    pub bucket_reso_steps: u32,
+    #[arg(long)]
+    pub bucket_no_upscale: bool,
+    /// Caption files next to the images.
+    #[arg(long, default_value = ".txt")]
+    pub caption_extension: String,
+    #[arg(long, default_value_t = 1, alias = "train-batch-size")]
+    pub batch_size: usize,
+    /// Total optimizer steps (ignored when --max-train-epochs is given).
+    #[arg(long, default_value_t = 1600)]
+    pub max_train_steps: u64,
+    /// Epochs to train; sets the steps from the data.
+    #[arg(long)]
+    pub max_train_epochs: Option<u64>,
+    /// Random seed (random when not given; written into the file's metadata).
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// LoRA rank of linear and 1x1 conv layers.
+    #[arg(long, default_value_t = 4)]
+    pub network_dim: usize,
+    /// Scale = alpha / dim.
+    #[arg(long, default_value_t = 1.0)]
+    pub network_alpha: f64,
+    /// LoCon: rank of the 3x3 convs in resnets and resamplers (off when not given).
+    #[arg(long)]
+    pub conv_dim: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    pub conv_alpha: f64,
+    #[arg(long)]
+    pub network_train_unet_only: bool,
+    #[arg(long)]
+    pub network_train_text_encoder_only: bool,
+
+    /// Base learning rate (kohya's default 2e-6; LoRA is usually trained at 1e-4).
+    #[arg(long, default_value_t = 2e-6)]
+    pub learning_rate: f64,
+    /// Learning rate of the UNet modules (default: --learning-rate).
+    #[arg(long)]
+    pub unet_lr: Option<f64>,
+    /// Learning rate of the text-encoder modules (default: --learning-rate).
+    #[arg(long)]
+    pub text_encoder_lr: Option<f64>,
+    #[arg(long, value_enum, default_value_t = OptimizerKind::AdamW, alias = "optimizer-type")]
+    pub optimizer: OptimizerKind,
+    /// `key=value` optimizer arguments: betas=0.9,0.99 weight_decay=0.01 eps=1e-8 momentum=0.9.
+    #[arg(long, num_args = 1..)]
+    #[serde(default)]
+    pub optimizer_args: Vec<String>,
+    #[arg(long, value_enum, default_value_t = LrScheduler::Constant)]
+    pub lr_scheduler: LrScheduler,
+    /// Warmup: a step count, or a ratio of the total steps when below 1.
+    #[arg(long, default_value_t = 0.0)]
+    pub lr_warmup_steps: f64,
+    /// Restarts of cosine_with_restarts.
+    #[arg(long, default_value_t = 1.0)]
+    pub lr_scheduler_num_cycles: f64,
+    /// Power of the polynomial schedule.
+    #[arg(long, default_value_t = 1.0)]
+    pub lr_scheduler_power: f64,
+    /// Clip gradients to this global L2 norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: u64,
+
+    /// Condition on the n-th last text-encoder layer (default: the model's own).
+    #[arg(long)]
+    pub clip_skip: Option<usize>,
+    /// Caption tokens: 75, 150 or 225 (77-token chunks, as kohya).
+    #[arg(long, default_value_t = 75, value_parser = crate::cli::parse_max_token_length)]
+    pub max_token_length: usize,
+    /// Train v-prediction (default: the model's own prediction type).
+    #[arg(long)]
+    pub v_parameterization: bool,
+    #[arg(long, default_value_t = 0.0)]
+    pub noise_offset: f64,
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
+    /// Loss weight of regularisation images.
+    #[arg(long, default_value_t = 1.0)]
+    pub prior_loss_weight: f64,
+    #[arg(long, value_enum, default_value_t = LossType::L2)]
+    pub loss_type: LossType,
+    #[arg(long, default_value_t = 0.1)]
+    pub huber_c: f64,
+    #[arg(long, value_enum, default_value_t = HuberSchedule::Snr)]
+    pub huber_schedule: HuberSchedule,
+
+    /// Tags at the start of a caption kept in place by shuffling and tag dropout.
+    #[arg(long, default_value_t = 0)]
+    pub keep_tokens: usize,
+    #[arg(long)]
+    pub shuffle_caption: bool,
+    /// Probability of training a sample with an empty caption.
+    #[arg(long, default_value_t = 0.0)]
+    pub caption_dropout_rate: f64,
+    /// Probability of dropping each (non-kept) tag.
+    #[arg(long, default_value_t = 0.0)]
+    pub caption_tag_dropout_rate: f64,
+    /// Random horizontal flips.
+    #[arg(long)]
+    pub flip_aug: bool,
+    /// Encode every image once and keep the latents in memory.
+    #[arg(long)]
+    pub cache_latents: bool,
+    /// Also keep them on disk (OUT/.sdkit-cache/latents), reused by later runs.
+    #[arg(long)]
+    pub cache_latents_to_disk: bool,
+
+    #[arg(long, value_enum, default_value_t = MixedPrecision::No)]
+    pub mixed_precision: MixedPrecision,
+    /// Precision of saved files (default: that of --mixed-precision).
+    #[arg(long, value_enum)]
+    pub save_precision: Option<SavePrecision>,
+    #[arg(long)]
+    pub save_every_n_epochs: Option<u64>,
+    #[arg(long)]
+    pub save_every_n_steps: Option<u64>,
+    /// Keep only the newest N periodic saves.
+    #[arg(long, alias = "save-last-n-epochs")]
+    pub save_last_n: Option<usize>,
+    /// Also save the training state (OUT/NAME-state/) for --resume.
+    #[arg(long)]
+    pub save_state: bool,
+    /// Continue from a state folder written with --save-state.
+    #[arg(long, value_name = "STATE_DIR")]
+    pub resume: Option<PathBuf>,
+    /// TensorBoard logs go to LOGGING_DIR/<prefix><YYYYmmddHHMMSS>/.
+    #[arg(long)]
+    pub logging_dir: Option<PathBuf>,
+    #[arg(long, default_value = "")]
+    pub log_prefix: String,
+    /// kohya prompt file for sample images (`prompt --n neg --w 512 --h 512 --d seed
+    /// --l cfg --s steps`).
+    #[arg(long)]
+    pub sample_prompts: Option<PathBuf>,
+    #[arg(long)]
+    pub sample_every_n_epochs: Option<u64>,
+    #[arg(long)]
+    pub sample_every_n_steps: Option<u64>,
+    #[arg(long, value_enum, default_value_t = SampleSampler::Ddim)]
+    pub sample_sampler: SampleSampler,
+
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Print the plan (images, repeats, buckets, steps, parameters, memory) and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Machine-readable summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl LoraOptions {
+    /// The training resolution as (width, height).
+    pub fn resolution(&self) -> Result<(u32, u32), String> {
+        let parse = |s: &str| {
+            s.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|&v| v >= 64)
+                .ok_or_else(|| {
+                    format!(
+                        "--resolution {:?}: expected 512 or 512,768",
+                        self.resolution
+                    )
+                })
+        };
+        match self.resolution.split_once(',') {
+            Some((w, h)) => Ok((parse(w)?, parse(h)?)),
+            None => {
+                let v = parse(&self.resolution)?;
+                Ok((v, v))
+            }
+        }
+    }
+
+    /// Contradictions and out-of-range values, as one-line errors naming the option.
+    pub fn validate(&self) -> Result<(), String> {
+        self.resolution()?;
+        if self.network_train_unet_only && self.network_train_text_encoder_only {
+            return Err(
+                "--network-train-unet-only and --network-train-text-encoder-only exclude each other"
+                    .into(),
+            );
+        }
+        if self.batch_size == 0 {
+            return Err("--batch-size must be at least 1".into());
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return Err("--gradient-accumulation-steps must be at least 1".into());
+        }
+        if self.network_dim == 0 {
+            return Err("--network-dim must be at least 1".into());
+        }
+        for (name, v) in [
+            ("--caption-dropout-rate", self.caption_dropout_rate),
+            ("--caption-tag-dropout-rate", self.caption_tag_dropout_rate),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("{name} {v}: a probability between 0 and 1"));
+            }
+        }
+        if self.max_train_epochs == Some(0)
+            || (self.max_train_epochs.is_none() && self.max_train_steps == 0)
+        {
+            return Err("nothing to train: --max-train-steps / --max-train-epochs is 0".into());
+        }
+        if self.min_snr_gamma.is_some_and(|g| g <= 0.0) {
+            return Err("--min-snr-gamma must be positive".into());
+        }
+        if self.lr_warmup_steps < 0.0 {
+            return Err("--lr-warmup-steps must not be negative".into());
+        }
+        if self.output_name.is_empty() || self.output_name.contains(['/', '\\']) {
+            return Err(format!(
+                "--output-name {:?}: a file name without folders",
+                self.output_name
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn prediction_override(&self) -> Option<Prediction> {
+        self.v_parameterization.then_some(Prediction::VPrediction)
+    }
+}
