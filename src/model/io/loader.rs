@@ -422,12 +422,19 @@ fn open_diffusers(dir: &Path, opts: &LoadOptions) -> Result<Checkpoint> {
         Some("v_prediction") => Prediction::VPrediction,
         _ => Prediction::Epsilon,
     };
+    // What the tensor shapes cannot tell: the norm grouping (32 in every SD release).
+    let groups = |cfg: &serde_json::Value| cfg["norm_num_groups"].as_u64().map(|g| g as usize);
+    let mut unet_params = arch::infer_unet(&unet, heads, arch)?;
+    unet_params.norm_groups = groups(&unet_cfg).unwrap_or(unet_params.norm_groups);
+    let mut vae_params =
+        arch::infer_vae(&vae, vae_cfg["scaling_factor"].as_f64().unwrap_or(0.18215))?;
+    vae_params.norm_groups = groups(&vae_cfg).unwrap_or(vae_params.norm_groups);
     let info = ModelInfo {
         arch,
         format: Format::Diffusers,
         prediction: opts.prediction.unwrap_or(folder_prediction),
-        unet: arch::infer_unet(&unet, heads, arch)?,
-        vae: arch::infer_vae(&vae, vae_cfg["scaling_factor"].as_f64().unwrap_or(0.18215))?,
+        unet: unet_params,
+        vae: vae_params,
         text: arch::infer_text(
             &text,
             te_cfg["num_attention_heads"].as_u64().map(|h| h as usize),

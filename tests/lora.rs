@@ -1,0 +1,302 @@
+//! LoRA / LoCon against kohya's naming rule and PyTorch, with the fixtures of
+//! tests/fixtures/gen_lora_fixtures.py:
+//! - module names and factor shapes of the real SD1.5 / SD2.1 architectures (kohya's
+//!   `create_modules` over diffusers / transformers modules);
+//! - one training step on the tiny SD1 pipeline with a hand-written kohya LoRAModule
+//!   around every UNet (LoCon) and text-encoder target: gradients of every factor;
+//! - diffusers' `load_lora_weights` of a kohya file: the UNet and text-encoder outputs.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use sdkit::adapters::lora::{self, LoraNetwork, LoraShape, Part};
+use sdkit::model::loader::{self, Format, LoadOptions};
+use sdkit::model::pipeline::Models;
+use sdkit::train::rng::Rng;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora")
+}
+
+fn load(name: &str) -> BTreeMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// The real SD1.5 / SD2.1 models with lazily broadcast zero weights (shapes only).
+fn real_models(name: &str) -> Models {
+    let gz = std::fs::File::open(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint/real_keys.json.gz"),
+    )
+    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_reader(flate2::read::GzDecoder::new(gz)).unwrap();
+    let table: Vec<(String, Vec<usize>)> =
+        serde_json::from_value(json[name]["ldm"].clone()).unwrap();
+    let scalar = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    let tensors: HashMap<String, Tensor> = table
+        .into_iter()
+        .map(|(k, shape)| (k, scalar.broadcast_as(shape).unwrap()))
+        .collect();
+    let path = PathBuf::from(format!("{name}.safetensors"));
+    let ck =
+        loader::from_tensors(&path, tensors, Format::Safetensors, &LoadOptions::default()).unwrap();
+    Models::new(ck).unwrap()
+}
+
+type Table = Vec<(String, Vec<usize>, Vec<usize>)>;
+
+fn table(v: &serde_json::Value) -> Table {
+    let dims = |x: &serde_json::Value| -> Vec<usize> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect()
+    };
+    let mut t: Table = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_str().unwrap().to_string(), dims(&e[1]), dims(&e[2])))
+        .collect();
+    t.sort();
+    t
+}
+
+fn ours(net: &LoraNetwork, part: Part) -> Table {
+    let mut t: Table = net
+        .modules
+        .iter()
+        .filter(|m| m.part == part)
+        .map(|m| (m.name.clone(), m.down.dims().to_vec(), m.up.dims().to_vec()))
+        .collect();
+    t.sort();
+    t
+}
+
+#[test]
+fn module_names_and_shapes_equal_kohyas_for_sd15_and_sd21() {
+    let want: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("modules.json")).unwrap()).unwrap();
+    for (name, json, te_count) in [("sd15", "sd15", 72), ("sd21", "sd21", 138)] {
+        for (conv, key, unet_count) in [(None, "unet", 192), (Some(8), "unet_conv", 278)] {
+            let mut m = real_models(name);
+            let shape = LoraShape {
+                dim: 4,
+                alpha: 1.0,
+                conv_dim: conv,
+                conv_alpha: 1.0,
+            };
+            let net = LoraNetwork::create(
+                Some(&mut m.unet),
+                Some(&mut m.clip),
+                &shape,
+                &mut Rng::new(1),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let u = ours(&net, Part::Unet);
+            assert_eq!(u.len(), unet_count, "{name} {key}");
+            assert_eq!(u, table(&want[json][key]), "{name} {key}");
+            let te = ours(&net, Part::TextEncoder);
+            assert_eq!(te.len(), te_count, "{name} te");
+            assert_eq!(te, table(&want[json]["te"]), "{name} te");
+        }
+    }
+}
+
+/// The tiny SD1 pipeline with the UNet config of the fixtures (8 norm groups).
+fn tiny() -> Models {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let src = common::checkpoints().join("sd1_diffusers");
+        for e in walkdir::WalkDir::new(&src) {
+            let e = e.unwrap();
+            let out = d.path().join(e.path().strip_prefix(&src).unwrap());
+            if e.file_type().is_dir() {
+                std::fs::create_dir_all(&out).unwrap();
+            } else {
+                std::fs::copy(e.path(), &out).unwrap();
+            }
+        }
+        std::fs::copy(
+            fixtures().join("unet_config.json"),
+            d.path().join("unet/config.json"),
+        )
+        .unwrap();
+        d
+    });
+    let ck = loader::open(dir.path(), &LoadOptions::default()).unwrap();
+    Models::new(ck).unwrap()
+}
+
+const TINY_SHAPE: LoraShape = LoraShape {
+    dim: 4,
+    alpha: 2.0,
+    conv_dim: Some(2),
+    conv_alpha: 1.0,
+};
+
+#[test]
+fn init_is_kaiming_uniform_down_and_zero_up() {
+    let mut m = tiny();
+    let net = LoraNetwork::create(
+        Some(&mut m.unet),
+        Some(&mut m.clip),
+        &TINY_SHAPE,
+        &mut Rng::new(3),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for md in &net.modules {
+        let up: Vec<f32> = md.up.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(up.iter().all(|&v| v == 0.0), "{}", md.name);
+        let d = md.down.dims();
+        let fan_in: usize = d[1..].iter().product();
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let down: Vec<f32> = md.down.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(down.iter().all(|v| v.abs() <= bound), "{}", md.name);
+        assert!(down.iter().any(|v| v.abs() > bound / 2.0), "{}", md.name);
+    }
+}
+
+/// One step through CLIP and the UNet with LoRA on every target: gradients of every
+/// lora_down / lora_up equal PyTorch's (computed in f64) within 1e-4 relative to each
+/// tensor's largest value. f32 rounding through two text layers, the UNet and its
+/// backward gives ~1e-6 here on any CPU; a wrong scale, a missing path (e.g. a frozen add
+/// that drops the time-embedding gradient) or a transposed factor gives >= 1e-2.
+#[test]
+fn gradients_of_every_factor_match_pytorch() {
+    let mut m = tiny();
+    let net = LoraNetwork::create(
+        Some(&mut m.unet),
+        Some(&mut m.clip),
+        &TINY_SHAPE,
+        &mut Rng::new(1),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let file = load("tiny_lora.safetensors");
+    net.load_tensors(&file).unwrap();
+    let exp = load("tiny_expected.safetensors");
+    let ids = exp["ids"].to_dtype(DType::U32).unwrap();
+    let ctx = m.clip.encode(&ids, 1).unwrap();
+    let e = common::rel_err(&ctx, &exp["ctx"], 1e-6);
+    assert!(e < 1e-5, "text encoder output with LoRA: rel err {e}");
+    let pred = m.unet.forward(&exp["noisy"], &exp["t"], &ctx).unwrap();
+    let e = common::rel_err(&pred, &exp["pred"], 1e-6);
+    assert!(e < 1e-5, "UNet output with LoRA: rel err {e}");
+    let loss = (&pred - &exp["target"])
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let want = exp["loss"].to_scalar::<f32>().unwrap();
+    let got = loss.to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() < 1e-5 * want, "loss {got} vs {want}");
+    let grads = loss.backward().unwrap();
+    let mut checked = 0;
+    let mut bad = vec![];
+    for md in &net.modules {
+        for (suffix, var) in [("lora_down.weight", &md.down), ("lora_up.weight", &md.up)] {
+            let key = format!("grad.{}.{suffix}", md.name);
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {key}"));
+            let e = common::rel_err(g, &exp[&key], 1e-8);
+            if e >= 1e-4 {
+                bad.push(format!("{key}: rel err {e}"));
+            }
+            checked += 1;
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    assert_eq!(checked, 2 * 90, "every module of the fixture");
+}
+
+/// sdkit writes the tensors kohya writes: same keys, shapes, values, 0-dim alpha.
+#[test]
+fn saved_tensors_equal_kohyas_file() {
+    let mut m = tiny();
+    let net = LoraNetwork::create(
+        Some(&mut m.unet),
+        Some(&mut m.clip),
+        &TINY_SHAPE,
+        &mut Rng::new(1),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let file = load("tiny_lora.safetensors");
+    net.load_tensors(&file).unwrap();
+    let ours: BTreeMap<String, Tensor> = net.tensors(DType::F32).unwrap().into_iter().collect();
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        file.keys().collect::<Vec<_>>()
+    );
+    for (k, t) in &ours {
+        assert_eq!(t.dims(), file[k].dims(), "{k}");
+        assert_eq!(common::rel_err(t, &file[k], 1e-12), 0.0, "{k}");
+    }
+    // A network of another shape refuses the file, naming why.
+    let mut m2 = tiny();
+    let other = LoraNetwork::create(
+        Some(&mut m2.unet),
+        Some(&mut m2.clip),
+        &LoraShape {
+            dim: 8,
+            ..TINY_SHAPE
+        },
+        &mut Rng::new(1),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let e = other.load_tensors(&file).unwrap_err();
+    assert!(e.contains("network-dim"), "{e}");
+}
+
+/// A kohya file merged by sdkit gives the outputs diffusers' `load_lora_weights` gives.
+#[test]
+fn merged_file_matches_diffusers_loader() {
+    let mut m = tiny();
+    let file = load("tiny_lora_linear.safetensors");
+    let applied = lora::merge_into(&file, &mut m.unet, &mut m.clip, 1.0).unwrap();
+    assert_eq!(applied.modules, 48 + 12);
+    assert!(applied.unknown.is_empty(), "{:?}", applied.unknown);
+    let exp = load("tiny_expected.safetensors");
+    let ids = exp["ids"].to_dtype(DType::U32).unwrap();
+    let ctx = m.clip.encode(&ids, 1).unwrap();
+    let e = common::rel_err(&ctx, &exp["diffusers.te_out"], 1e-6);
+    assert!(e < 1e-5, "text encoder: rel err {e}");
+    let pred = m.unet.forward(&exp["noisy"], &exp["t"], &ctx).unwrap();
+    let e = common::rel_err(&pred, &exp["diffusers.unet_out"], 1e-6);
+    assert!(e < 1e-5, "UNet: rel err {e}");
+}
+
+#[test]
+fn unknown_keys_are_listed_not_ignored() {
+    let mut m = tiny();
+    let mut file = load("tiny_lora_linear.safetensors");
+    let t = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+    file.insert("lora_unet_no_such_layer.lora_down.weight".into(), t.clone());
+    file.insert("lora_unet_no_such_layer.lora_up.weight".into(), t.clone());
+    file.insert(
+        "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a".into(),
+        t,
+    );
+    let applied = lora::merge_into(&file, &mut m.unet, &mut m.clip, 1.0).unwrap();
+    assert_eq!(
+        applied.unknown,
+        vec![
+            "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a".to_string(),
+            "lora_unet_no_such_layer.lora_down.weight".into(),
+            "lora_unet_no_such_layer.lora_up.weight".into(),
+        ]
+    );
+}
