@@ -1,0 +1,524 @@
+//! `sdkit train lora` end to end on the tiny SD1 pipeline (tests/fixtures/checkpoint):
+//! the plan, the file (kohya keys, metadata, hashes), learning (loss on held-fixed noise
+//! falls), exact resume, saves that survive kill -9, TensorBoard records, bad input.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use sdkit::model::loader::{self, LoadOptions};
+use sdkit::model::pipeline::Models;
+use sdkit::train::rng::Rng;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn model() -> PathBuf {
+    common::checkpoints().join("sd1_diffusers")
+}
+
+fn png(path: &Path, w: u32, h: u32, seed: u32) {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            ((x * 4 + seed * 40) % 256) as u8,
+            ((y * 4 + seed * 10) % 256) as u8,
+            (((x + y) * 2) % 256) as u8,
+        ])
+    });
+    img.save(path).unwrap();
+}
+
+/// `img/5_ohwx` with 3 captioned 64x64 images and a 96x64 one, `reg/1_cat` with 2.
+fn dataset() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img/5_ohwx");
+    let reg = d.path().join("reg/1_cat");
+    std::fs::create_dir_all(&img).unwrap();
+    std::fs::create_dir_all(&reg).unwrap();
+    for i in 0..3 {
+        png(&img.join(format!("a{i}.png")), 64, 64, i);
+        std::fs::write(img.join(format!("a{i}.txt")), format!("ohwx, red, tag{i}")).unwrap();
+    }
+    png(&img.join("wide.png"), 96, 64, 7);
+    for i in 0..2 {
+        png(&reg.join(format!("c{i}.png")), 64, 64, 20 + i);
+    }
+    d
+}
+
+const TINY: &[&str] = &[
+    "--resolution",
+    "64",
+    "--min-bucket-reso",
+    "32",
+    "--max-bucket-reso",
+    "128",
+    "--bucket-reso-steps",
+    "32",
+    "--seed",
+    "1",
+];
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn sdkit(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_sdkit"))
+        .args(args)
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn train(data: &Path, out: &Path, extra: &[&str]) -> Run {
+    let m = model();
+    let mut args = vec![
+        "train",
+        "lora",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--output-name",
+        "t",
+    ];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(extra);
+    sdkit(&args)
+}
+
+fn read_lora(p: &Path) -> (BTreeMap<String, Tensor>, BTreeMap<String, String>) {
+    sdkit::formats::kohya_lora::read(p).unwrap()
+}
+
+#[test]
+fn dry_run_plans_repeats_reg_balance_buckets_and_steps() {
+    let d = dataset();
+    let out = tempfile::tempdir().unwrap();
+    let r = train(
+        d.path(),
+        out.path(),
+        &[
+            "--dry-run",
+            "--json",
+            "--max-train-epochs",
+            "3",
+            "--batch-size",
+            "2",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let p: Value = serde_json::from_str(&r.stdout).unwrap();
+    // 4 images x 5 repeats = 20 train samples; 2 reg images balanced to 20.
+    assert_eq!(p["train_samples"], 20);
+    assert_eq!(p["reg_samples"], 20);
+    assert_eq!(p["batches_per_epoch"], 20);
+    assert_eq!(p["total_steps"], 60);
+    assert_eq!(p["epochs"], 3);
+    assert_eq!(p["buckets"][0][0], serde_json::json!([64, 64]));
+    assert_eq!(p["unet_modules"], 48);
+    assert_eq!(p["text_encoder_modules"], 12);
+    assert!(p["memory_estimate_gb"].as_f64().unwrap() >= 0.0);
+    assert_eq!(
+        std::fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "a dry run writes nothing"
+    );
+}
+
+/// Mean loss over fixed timesteps and noise of the training images, with the LoRA file
+/// merged (or none): what the model learned, free of the training noise.
+fn held_out_loss(lora: Option<&Path>, data: &Path) -> f32 {
+    let ck = loader::open(&model(), &LoadOptions::default()).unwrap();
+    let mut m = Models::new(ck).unwrap();
+    if let Some(p) = lora {
+        let (t, _) = read_lora(p);
+        let a = sdkit::adapters::lora::merge_into(&t, &mut m.unet, &mut m.clip, 1.0).unwrap();
+        assert!(a.unknown.is_empty());
+    }
+    let ds = sdkit::train::data::load(
+        data,
+        None,
+        &sdkit::train::data::DataOptions {
+            buckets: sdkit::dataset::bucket::BucketSpec {
+                resolution: (64, 64),
+                min_bucket: 32,
+                max_bucket: 128,
+                step: 32,
+                no_upscale: false,
+            },
+            caption_extension: ".txt".into(),
+        },
+    )
+    .unwrap();
+    let sched = sdkit::model::schedule::DdpmSchedule::default();
+    let dev = Device::Cpu;
+    let mut total = 0f32;
+    let mut n = 0;
+    for (i, item) in ds.items.iter().enumerate() {
+        let img = sdkit::train::latents::load_image(item, false).unwrap();
+        let x = sdkit::model::vae::image_to_tensor(&img, &dev).unwrap();
+        let x0 = (m.vae.encode(&x).unwrap().mode() * 0.18215).unwrap();
+        let ctx = sdkit::train::run::encode_captions(
+            &m.clip,
+            std::slice::from_ref(&item.caption),
+            75,
+            sdkit::model::pipeline::pad_for(m.info.arch),
+            1,
+            &dev,
+        )
+        .unwrap();
+        for (k, t) in [100usize, 300, 500, 700, 900].into_iter().enumerate() {
+            let mut r = Rng::new(1000 + (i * 10 + k) as u64);
+            let noise = Tensor::from_vec(r.normals(x0.elem_count()), x0.dims(), &dev).unwrap();
+            let noisy = sched.add_noise(&x0, &noise, &[t]).unwrap();
+            let tt = Tensor::new(&[t as f32], &dev).unwrap();
+            let pred = m.unet.forward(&noisy, &tt, &ctx).unwrap();
+            let l = (pred - noise).unwrap().sqr().unwrap().mean_all().unwrap();
+            total += l.to_scalar::<f32>().unwrap();
+            n += 1;
+        }
+    }
+    total / n as f32
+}
+
+/// A short run on a tiny overfit set: the file is kohya's, the loss on fixed noise falls,
+/// TensorBoard records every step, epoch saves are named like kohya's.
+#[test]
+fn trains_a_lora_that_learns_and_loads() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("10_ohwx");
+    std::fs::create_dir_all(&img).unwrap();
+    png(&img.join("a.png"), 64, 64, 3);
+    std::fs::write(img.join("a.txt"), "ohwx, red").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let logs = out.path().join("logs");
+    let r = train(
+        d.path(),
+        out.path(),
+        &[
+            "--max-train-epochs",
+            "3",
+            "--learning-rate",
+            "3e-3",
+            "--network-dim",
+            "4",
+            "--network-alpha",
+            "4",
+            "--save-every-n-epochs",
+            "1",
+            "--save-last-n",
+            "1",
+            "--logging-dir",
+            logs.to_str().unwrap(),
+            "--cache-latents",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rep: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rep["steps"], 30);
+    let final_file = out.path().join("t.safetensors");
+    // Epoch saves: t-000001 then t-000002; --save-last-n 1 keeps the newest only.
+    assert!(!out.path().join("t-000001.safetensors").exists());
+    assert!(out.path().join("t-000002.safetensors").is_file());
+    let (tensors, meta) = read_lora(&final_file);
+    assert_eq!(tensors.len(), 60 * 3);
+    assert!(
+        tensors
+            .keys()
+            .all(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_text_model_"))
+    );
+    assert_eq!(meta["ss_network_module"], "networks.lora");
+    assert_eq!(meta["ss_network_dim"], "4");
+    assert_eq!(meta["ss_network_alpha"], "4.0");
+    assert_eq!(meta["ss_num_train_images"], "10");
+    assert_eq!(meta["ss_steps"], "30");
+    assert_eq!(meta["ss_epoch"], "3");
+    assert_eq!(meta["ss_seed"], "1");
+    assert_eq!(meta["ss_v2"], "False");
+    assert_eq!(meta["ss_base_model_version"], "sd_v1");
+    assert_eq!(meta["modelspec.architecture"], "stable-diffusion-v1/lora");
+    let freq: Value = serde_json::from_str(&meta["ss_tag_frequency"]).unwrap();
+    assert_eq!(freq["10_ohwx"]["ohwx"], 1);
+    // kohya's hash: sha256 of the data region of the file written with ss_* keys only.
+    let ss: BTreeMap<String, String> = meta
+        .iter()
+        .filter(|(k, _)| k.starts_with("ss_"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let list: Vec<(String, Tensor)> = tensors.clone().into_iter().collect();
+    let bytes = sdkit::formats::kohya_lora::serialize(&list, &ss).unwrap();
+    let (h, _) = sdkit::formats::kohya_lora::addnet_hashes(&bytes);
+    assert_eq!(meta["sshs_model_hash"], h);
+
+    let before = held_out_loss(None, d.path());
+    let after = held_out_loss(Some(&final_file), d.path());
+    eprintln!("held-out loss: base {before:.4}, with LoRA {after:.4}");
+    assert!(
+        after < 0.9 * before,
+        "loss did not fall: {before} -> {after}"
+    );
+
+    // TensorBoard: one loss/current per step (records framed and CRC-checked by the
+    // writer's own unit test; here: the count of step events).
+    let run_dir = std::fs::read_dir(&logs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let ev = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(ev).unwrap();
+    let needle = b"loss/current";
+    let count = bytes.windows(needle.len()).filter(|w| w == needle).count();
+    assert_eq!(count, 30);
+}
+
+/// Resuming from a mid-run state gives the same final weights as the uninterrupted run.
+#[test]
+fn resume_continues_exactly() {
+    let d = dataset();
+    let a = tempfile::tempdir().unwrap();
+    let common_args = [
+        "--max-train-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--shuffle-caption",
+        "--flip-aug",
+        "--caption-tag-dropout-rate",
+        "0.3",
+        "--lr-scheduler",
+        "cosine",
+    ];
+    let mut full = common_args.to_vec();
+    full.extend(["--save-every-n-steps", "3", "--save-state"]);
+    let r = train(d.path(), a.path(), &full);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let state = a.path().join("t-step00000003-state");
+    assert!(state.join("state.json").is_file());
+    let b = tempfile::tempdir().unwrap();
+    let mut resumed = common_args.to_vec();
+    resumed.extend(["--resume", state.to_str().unwrap()]);
+    let r = train(d.path(), b.path(), &resumed);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (ta, ma) = read_lora(&a.path().join("t.safetensors"));
+    let (tb, mb) = read_lora(&b.path().join("t.safetensors"));
+    assert_eq!(ma["ss_steps"], "6");
+    assert_eq!(mb["ss_steps"], "6");
+    for (k, t) in &ta {
+        assert_eq!(
+            common::rel_err(t, &tb[k], 1e-12),
+            0.0,
+            "{k} differs after resume"
+        );
+    }
+    // A state of another network shape is refused before any work.
+    let c = tempfile::tempdir().unwrap();
+    let mut other = common_args.to_vec();
+    other.extend(["--resume", state.to_str().unwrap(), "--network-dim", "8"]);
+    let r = train(d.path(), c.path(), &other);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("network"), "{}", r.stderr);
+}
+
+/// kill -9 at any moment of a run that saves every step leaves every `.safetensors` in
+/// the output folder complete.
+#[test]
+fn kill_during_saves_leaves_complete_files() {
+    let d = dataset();
+    let out = tempfile::tempdir().unwrap();
+    let m = model();
+    let mut args: Vec<String> = [
+        "train",
+        "lora",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        d.path().to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+        "--output-name",
+        "t",
+        "--max-train-steps",
+        "40",
+        "--save-every-n-steps",
+        "1",
+        "--save-state",
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(TINY.iter().map(|s| s.to_string()));
+    for delay_ms in [4000u64, 6100, 8300] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sdkit"))
+            .args(&args)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        for e in std::fs::read_dir(out.path()).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with(".safetensors") {
+                let (t, meta) = read_lora(&p);
+                assert!(
+                    !t.is_empty() && meta.contains_key("sshs_model_hash"),
+                    "{name}"
+                );
+            }
+            if name.ends_with("-state") {
+                sdkit::train::state::load(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_a_one_line_error_before_any_work() {
+    let d = dataset();
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().to_str().unwrap();
+    let dd = d.path().to_str().unwrap();
+    let m = model();
+    let m = m.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--model", "/no/such.safetensors", "--data", dd, "--out", o],
+            "/no/such.safetensors",
+        ),
+        (
+            vec!["--model", m, "--data", "/no/such/dir", "--out", o],
+            "/no/such/dir",
+        ),
+        (
+            vec![
+                "--model",
+                m,
+                "--data",
+                dd,
+                "--out",
+                o,
+                "--network-train-unet-only",
+                "--network-train-text-encoder-only",
+            ],
+            "exclude each other",
+        ),
+        (
+            vec![
+                "--model",
+                m,
+                "--data",
+                dd,
+                "--out",
+                o,
+                "--optimizer-args",
+                "foo=1",
+            ],
+            "unknown key",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut a = vec!["train", "lora"];
+        a.extend(args);
+        let r = sdkit(&a);
+        assert_eq!(r.code, 2, "{a:?}: {}", r.stderr);
+        assert!(r.stderr.contains(want), "{a:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    }
+    // An empty data folder.
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(empty.path().join("10_x")).unwrap();
+    let r = sdkit(&[
+        "train",
+        "lora",
+        "--model",
+        m,
+        "--data",
+        empty.path().to_str().unwrap(),
+        "--out",
+        o,
+    ]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("no training images"), "{}", r.stderr);
+    // An unknown recipe key.
+    let recipe = out.path().join("r.yaml");
+    std::fs::write(&recipe, "network-dim: 8\nnetwork-rank: 4\n").unwrap();
+    let r = sdkit(&[
+        "train",
+        "lora",
+        "--config",
+        recipe.to_str().unwrap(),
+        "--model",
+        m,
+        "--data",
+        dd,
+        "--out",
+        o,
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("network-rank"), "{}", r.stderr);
+    assert!(
+        std::fs::read_dir(out.path()).unwrap().count() == 1,
+        "nothing written"
+    );
+}
+
+/// The shipped recipes parse with `train lora` (every key is an option).
+#[test]
+fn shipped_recipes_are_valid() {
+    let d = dataset();
+    let out = tempfile::tempdir().unwrap();
+    for r in ["lora-character.yaml", "lora-style.yaml"] {
+        let recipe = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("recipes")
+            .join(r);
+        let m = model();
+        let res = sdkit(&[
+            "train",
+            "lora",
+            "--config",
+            recipe.to_str().unwrap(),
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            d.path().to_str().unwrap(),
+            "--out",
+            out.path().to_str().unwrap(),
+            "--dry-run",
+            "--json",
+        ]);
+        assert_eq!(res.code, 0, "{r}: {}", res.stderr);
+        let p: Value = serde_json::from_str(&res.stdout).unwrap();
+        assert!(p["trainable_parameters"].as_u64().unwrap() > 0);
+    }
+}
+
+#[allow(dead_code)]
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
