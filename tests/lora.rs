@@ -300,3 +300,62 @@ fn unknown_keys_are_listed_not_ignored() {
         ]
     );
 }
+
+/// `sdkit sample --lora FILE:0.7` gives diffusers' image (`load_lora_weights` +
+/// `set_adapters([0.7])`, DDIM, same seed) to within one 8-bit level, and records the
+/// LoRA in webui's `Lora hashes`.
+#[test]
+fn sample_with_lora_equals_diffusers_image() {
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(common::checkpoints().join("sample_ref.json")).unwrap(),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let lora = fixtures().join("tiny_lora_linear.safetensors");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdkit"))
+        .args(["sample", "--model"])
+        .arg(common::checkpoints().join("sd1_diffusers"))
+        .args(["--prompt", meta["prompt"].as_str().unwrap()])
+        .args(["--negative", meta["negative"].as_str().unwrap()])
+        .args(["--steps", "4", "--cfg", "7.5", "--sampler", "ddim", "--seed", "1234"])
+        .args(["--width", "32", "--height", "32", "--quiet", "--json", "--out"])
+        .arg(out.path())
+        .arg("--lora")
+        .arg(format!("{}:0.7", lora.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rep["loras"][0]["modules"], 60);
+    assert_eq!(rep["loras"][0]["weight"], 0.7);
+    let png = std::path::PathBuf::from(rep["images"][0].as_str().unwrap());
+    let got = image::open(&png).unwrap().to_rgb8();
+    let exp = load("tiny_expected.safetensors");
+    let want = (&exp["ddim.image"] * 255.0).unwrap();
+    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let (w, h) = got.dimensions();
+    let mut max = 0f32;
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                let g = got.get_pixel(x, y)[c] as f32;
+                let r = want[(c * h as usize + y as usize) * w as usize + x as usize];
+                max = max.max((g - r).abs());
+            }
+        }
+    }
+    eprintln!("sample --lora vs diffusers: max diff {max:.3} levels");
+    assert!(max <= 1.0, "max diff {max} levels");
+    let text = sdkit::formats::png_params::read_parameters(&png).unwrap().unwrap();
+    let t = sdkit::formats::png_params::parse(&text);
+    assert!(t.get("Lora hashes").unwrap().starts_with("tiny_lora_linear: "));
+    // diffusers' image without the LoRA differs: the file changes the model.
+    let base = candle_core::safetensors::load(
+        common::checkpoints().join("sample_ref.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let d = (&base["sd1.image"] - &exp["ddim.image"]).unwrap().abs().unwrap();
+    let d = d.max_all().unwrap().to_scalar::<f32>().unwrap() * 255.0;
+    assert!(d > 5.0, "the LoRA changes the image by only {d} levels");
+}

@@ -48,7 +48,8 @@ pub enum Precision {
 #[command(after_help = "Examples:\n  \
     sdkit sample --model v1-5-pruned-emaonly.safetensors --prompt \"a photo of a cat\" --seed 1\n  \
     sdkit sample --model sd2-diffusers/ --prompt \"(red hair:1.2), portrait\" --negative lowres \\\n    \
-    --sampler dpm++2m-karras --steps 25 --width 768 --height 768 --count 4 --out samples/\n\n\
+    --sampler dpm++2m-karras --steps 25 --width 768 --height 768 --count 4 --out samples/\n  \
+    sdkit sample --model model.safetensors --prompt \"ohwx, portrait\" --lora lora/ron.safetensors:0.8\n\n\
 Checkpoints: a diffusers folder, a single-file .safetensors or a .ckpt (SD 1.x / 2.x).\n\
 A <name>.yaml next to a single file is read like webui does (parameterization: v).")]
 pub struct SampleArgs {
@@ -89,6 +90,10 @@ pub struct SampleArgs {
     /// Compute precision.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
+    /// A kohya LoRA / LoCon file to apply, with an optional weight (webui's
+    /// `<lora:name:weight>`); repeatable. Keys that match no layer are listed.
+    #[arg(long, value_name = "FILE[:WEIGHT]")]
+    pub lora: Vec<String>,
     /// Output folder (PNG files named like webui: 00000-SEED.png).
     #[arg(long, default_value = "samples")]
     pub out: PathBuf,
@@ -116,6 +121,7 @@ impl Default for SampleArgs {
             clip_skip: 1,
             prediction: None,
             precision: Precision::F32,
+            lora: vec![],
             out: "samples".into(),
             json: false,
             quiet: false,
@@ -131,6 +137,68 @@ struct Report {
     images: Vec<PathBuf>,
     seeds: Vec<u64>,
     seconds: f64,
+    loras: Vec<AppliedLora>,
+}
+
+#[derive(Serialize)]
+struct AppliedLora {
+    file: PathBuf,
+    weight: f64,
+    modules: usize,
+    /// Keys of the file that match no layer of this model (or a kind sdkit does not apply).
+    unknown: Vec<String>,
+}
+
+/// `FILE` or `FILE:WEIGHT` (the weight is what follows the last `:` when it is a number).
+fn parse_lora(arg: &str) -> (PathBuf, f64) {
+    if let Some((f, w)) = arg.rsplit_once(':')
+        && let Ok(w) = w.parse::<f64>()
+    {
+        return (PathBuf::from(f), w);
+    }
+    (PathBuf::from(arg), 1.0)
+}
+
+/// Merge every `--lora` into the model; webui's `Lora hashes` infotext value.
+fn apply_loras(models: &mut Models, args: &[String]) -> anyhow::Result<(Vec<AppliedLora>, String)> {
+    let mut applied = Vec::new();
+    let mut hashes = Vec::new();
+    for a in args {
+        let (file, weight) = parse_lora(a);
+        let (tensors, _) = crate::formats::kohya_lora::read(&file).map_err(anyhow::Error::msg)?;
+        let r = crate::adapters::lora::merge_into(&tensors, &mut models.unet, &mut models.clip, weight)
+            .with_context(|| format!("{}: cannot apply", file.display()))?;
+        if r.modules == 0 {
+            bail!(
+                "{}: no module of this file matches the model (not a kohya LoRA for SD 1.x / 2.x?)",
+                file.display()
+            );
+        }
+        for k in r.unknown.iter().take(20) {
+            eprintln!("warning: {}: key not applied: {k}", file.display());
+        }
+        if r.unknown.len() > 20 {
+            eprintln!(
+                "warning: {}: {} more keys not applied",
+                file.display(),
+                r.unknown.len() - 20
+            );
+        }
+        let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+        let (h, _) = crate::formats::kohya_lora::addnet_hashes(&bytes);
+        let name = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        hashes.push(format!("{name}: {}", &h[..12]));
+        applied.push(AppliedLora {
+            file,
+            weight,
+            modules: r.modules,
+            unknown: r.unknown,
+        });
+    }
+    Ok((applied, hashes.join(", ")))
 }
 
 /// The next free webui-style index in `dir` (files named `NNNNN-…`).
@@ -181,7 +249,8 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
     };
     let ck = loader::open(&model, &opts)?;
     let format = ck.info.format;
-    let models = Models::new(ck)?;
+    let mut models = Models::new(ck)?;
+    let (loras, lora_hashes) = apply_loras(&mut models, &a.lora)?;
     let shape = models.latent_shape(a.width, a.height)?;
     let (hash, name) = model_hash_and_name(&model, format)?;
     crate::util::atomic::create_dir_all(&a.out)
@@ -219,7 +288,11 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
             model_hash: hash.clone(),
             model: Some(name.clone()),
             clip_skip: a.clip_skip,
-            extra: vec![],
+            extra: if lora_hashes.is_empty() {
+                vec![]
+            } else {
+                vec![("Lora hashes".to_string(), lora_hashes.clone())]
+            },
         };
         let path = a.out.join(format!("{index:05}-{seed}.png"));
         index += 1;
@@ -242,6 +315,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         images,
         seeds,
         seconds: started.elapsed().as_secs_f64(),
+        loras,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
