@@ -27,6 +27,28 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     common::rel_err(a, b, 1e-6)
 }
 
+// Cross-CPU numerics: the reference is PyTorch on some CPU, sdkit runs candle's gemm
+// crate, whose f32 kernels (FMA, AVX-512, NEON) block and sum in other orders, each
+// matmul/conv moving by ~sqrt(K) * eps ~ 1e-6 relative (K <= 576 here). The measured
+// errors below are that difference already; another CPU changes sdkit's side by about
+// as much again.
+
+/// f32 forward against diffusers: measured 5.6e-7..8.3e-7 (12x margin). Catches any
+/// wrong op, weight or layout, and any part of the f32 path run in half precision
+/// (the f16 run is 2e-3 off).
+const OUT_TOL: f64 = 1e-5;
+/// f32 gradients (longer chains of sums): measured worst 3.2e-6..7.8e-6 (6x margin).
+const GRAD_TOL: f64 = 5e-5;
+/// f16 weights, f16 compute, against the f32 reference: the f16 rounding of weights and
+/// activations (unit roundoff 4.9e-4) compounded through the net, measured 1.6e-3..2.1e-3
+/// (2.4x margin). gemm-f16 widens to f32 and accumulates in f32 on x86-64 (FMA and
+/// AVX-512 kernels), so this does not move with the CPU there. On aarch64 with FP16
+/// arithmetic it accumulates in f16 instead, ~3e-3 (K = 128) to 7.5e-3 (K = 576) per
+/// matmul (numpy estimate on random data): this test would report that accuracy loss,
+/// which is the library's to fix (widen f16 matmuls to f32, as candle does for bf16),
+/// not the tolerance's.
+const F16_TOL: f64 = 5e-3;
+
 /// The model with every weight the fixture has a gradient for made trainable.
 fn load(
     name: &str,
@@ -63,7 +85,7 @@ fn check(
         .forward(sample.as_tensor(), &exp["timestep"], ctx.as_tensor())
         .unwrap();
     let e = rel_err(&out, &exp[&format!("{prefix}out")]);
-    assert!(e < 1e-5, "{name} {prefix}: output rel err {e}");
+    common::within(e as f64, OUT_TOL, &format!("{name} {prefix}output"));
     let grads = (out * &exp["r"])
         .unwrap()
         .sum_all()
@@ -83,12 +105,16 @@ fn check(
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name} {prefix}: no gradient for {key}"));
         let ge = rel_err(got, want);
-        assert!(ge < 5e-5, "{name} {prefix}: gradient of {key} rel err {ge}");
+        assert!(
+            (ge as f64) < GRAD_TOL,
+            "{name} {prefix}: gradient of {key} rel err {ge}"
+        );
         worst = worst.max(ge);
         checked += 1;
     }
     assert!(checked >= 30, "{name}: only {checked} gradients compared");
-    eprintln!("{name} {prefix}: output rel err {e:.2e}, worst of {checked} gradients {worst:.2e}");
+    let what = format!("{name} {prefix}worst of {checked} gradients");
+    common::within(worst as f64, GRAD_TOL, &what);
 }
 
 /// A1111 hypernetwork module (layer structure 1,2,1, linear): x + W2 (W1 x + b1) + b2.
@@ -116,7 +142,7 @@ fn check_fixture(name: &str) {
         )
         .unwrap();
     let e = rel_err(&out, &exp["odd.out"]);
-    assert!(e < 1e-5, "{name}: odd-size output rel err {e}");
+    common::within(e as f64, OUT_TOL, &format!("{name} odd-size output"));
 
     // Hypernetwork transforms for the context width and the 16-channel self-attention.
     let ctx_dim = model.config.cross_attention_dim;
@@ -155,8 +181,7 @@ fn f16_weights_run_in_f16() {
             .unwrap();
         assert_eq!(out.dtype(), DType::F16);
         let e = rel_err(&out, &exp["out"]);
-        assert!(e < 5e-3, "{name}: f16 output rel err {e}");
-        eprintln!("{name}: f16 output rel err {e:.2e}");
+        common::within(e as f64, F16_TOL, &format!("{name} f16 output"));
     }
 }
 

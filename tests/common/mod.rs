@@ -1,5 +1,6 @@
 //! Shared test helpers: the one relative-error measure the reference-parity tests use,
-//! and the gzipped fixtures of tests/fixtures/gen_checkpoint_fixtures.py unpacked once
+//! the check that prints how much of its tolerance each comparison used, and the
+//! gzipped fixtures of tests/fixtures/gen_checkpoint_fixtures.py unpacked once
 //! per test binary.
 
 #![allow(dead_code)]
@@ -53,4 +54,16 @@ pub fn rel_err(a: &candle_core::Tensor, b: &candle_core::Tensor, floor: f32) -> 
             .unwrap()
     };
     max(&(&a - &b).unwrap()) / max(&b).max(floor)
+}
+
+/// Asserts `err < tol` and prints the error and the margin left (`tol / err`), so the
+/// output of a run (`--nocapture`) shows how close each parity check came on this CPU.
+pub fn within(err: f64, tol: f64, what: &str) {
+    if err == 0.0 {
+        eprintln!("{what}: exact (tolerance {tol:.0e})");
+    } else {
+        let margin = tol / err;
+        eprintln!("{what}: error {err:.2e} (tolerance {tol:.0e}, margin {margin:.1}x)");
+    }
+    assert!(err < tol, "{what}: error {err:e}, tolerance {tol:e}");
 }
