@@ -317,8 +317,19 @@ fn sample_with_lora_equals_diffusers_image() {
         .arg(common::checkpoints().join("sd1_diffusers"))
         .args(["--prompt", meta["prompt"].as_str().unwrap()])
         .args(["--negative", meta["negative"].as_str().unwrap()])
-        .args(["--steps", "4", "--cfg", "7.5", "--sampler", "ddim", "--seed", "1234"])
-        .args(["--width", "32", "--height", "32", "--quiet", "--json", "--out"])
+        .args([
+            "--steps",
+            "4",
+            "--cfg",
+            "7.5",
+            "--sampler",
+            "ddim",
+            "--seed",
+            "1234",
+        ])
+        .args([
+            "--width", "32", "--height", "32", "--quiet", "--json", "--out",
+        ])
         .arg(out.path())
         .arg("--lora")
         .arg(format!("{}:0.7", lora.display()))
@@ -346,16 +357,25 @@ fn sample_with_lora_equals_diffusers_image() {
     }
     eprintln!("sample --lora vs diffusers: max diff {max:.3} levels");
     assert!(max <= 1.0, "max diff {max} levels");
-    let text = sdkit::formats::png_params::read_parameters(&png).unwrap().unwrap();
+    let text = sdkit::formats::png_params::read_parameters(&png)
+        .unwrap()
+        .unwrap();
     let t = sdkit::formats::png_params::parse(&text);
-    assert!(t.get("Lora hashes").unwrap().starts_with("tiny_lora_linear: "));
+    assert!(
+        t.get("Lora hashes")
+            .unwrap()
+            .starts_with("tiny_lora_linear: ")
+    );
     // diffusers' image without the LoRA differs: the file changes the model.
     let base = candle_core::safetensors::load(
         common::checkpoints().join("sample_ref.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
-    let d = (&base["sd1.image"] - &exp["ddim.image"]).unwrap().abs().unwrap();
+    let d = (&base["sd1.image"] - &exp["ddim.image"])
+        .unwrap()
+        .abs()
+        .unwrap();
     let d = d.max_all().unwrap().to_scalar::<f32>().unwrap() * 255.0;
     assert!(d > 5.0, "the LoRA changes the image by only {d} levels");
 }

@@ -202,10 +202,20 @@ fn trains_a_lora_that_learns_and_loads() {
     std::fs::write(img.join("a.txt"), "ohwx, red").unwrap();
     let out = tempfile::tempdir().unwrap();
     let logs = out.path().join("logs");
+    let prompts = d.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "# kohya format\nohwx, red --n blurry --w 32 --h 32 --s 2 --d 5\n",
+    )
+    .unwrap();
     let r = train(
         d.path(),
         out.path(),
         &[
+            "--sample-prompts",
+            prompts.to_str().unwrap(),
+            "--sample-every-n-epochs",
+            "3",
             "--max-train-epochs",
             "3",
             "--learning-rate",
@@ -227,6 +237,21 @@ fn trains_a_lora_that_learns_and_loads() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let rep: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(rep["steps"], 30);
+    // One sample image after epoch 3, kohya's name, webui's parameters.
+    let samples = rep["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 1, "{samples:?}");
+    let sp = PathBuf::from(samples[0].as_str().unwrap());
+    let sname = sp.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(sname.starts_with("t_e000003_00_"), "{sname}");
+    assert_eq!(sp.parent().unwrap(), out.path().join("sample"));
+    let info = sdkit::formats::png_params::read_parameters(&sp)
+        .unwrap()
+        .unwrap();
+    let info = sdkit::formats::png_params::parse(&info);
+    assert_eq!(info.prompt, "ohwx, red");
+    assert_eq!(info.negative, "blurry");
+    assert_eq!(info.get("Seed"), Some("5"));
+    assert_eq!(image::open(&sp).unwrap().width(), 32);
     let final_file = out.path().join("t.safetensors");
     // Epoch saves: t-000001 then t-000002; --save-last-n 1 keeps the newest only.
     assert!(!out.path().join("t-000001.safetensors").exists());

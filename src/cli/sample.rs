@@ -166,8 +166,9 @@ fn apply_loras(models: &mut Models, args: &[String]) -> anyhow::Result<(Vec<Appl
     for a in args {
         let (file, weight) = parse_lora(a);
         let (tensors, _) = crate::formats::kohya_lora::read(&file).map_err(anyhow::Error::msg)?;
-        let r = crate::adapters::lora::merge_into(&tensors, &mut models.unet, &mut models.clip, weight)
-            .with_context(|| format!("{}: cannot apply", file.display()))?;
+        let r =
+            crate::adapters::lora::merge_into(&tensors, &mut models.unet, &mut models.clip, weight)
+                .with_context(|| format!("{}: cannot apply", file.display()))?;
         if r.modules == 0 {
             bail!(
                 "{}: no module of this file matches the model (not a kohya LoRA for SD 1.x / 2.x?)",
@@ -184,7 +185,8 @@ fn apply_loras(models: &mut Models, args: &[String]) -> anyhow::Result<(Vec<Appl
                 r.unknown.len() - 20
             );
         }
-        let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+        let bytes =
+            std::fs::read(&file).with_context(|| format!("{}: cannot read", file.display()))?;
         let (h, _) = crate::formats::kohya_lora::addnet_hashes(&bytes);
         let name = file
             .file_stem()

@@ -559,6 +559,7 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
     let mut last_loss = None;
     let mut acc: Option<Vec<Vec<Tensor>>> = None;
 
+    let mut sampled_at = u64::MAX;
     ui.start(total, pos.step);
     'epochs: while pos.step < total {
         let batches = cx.ds.epoch_batches(seed, pos.epoch, o.batch_size);
@@ -702,10 +703,16 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
             {
                 let suffix = format!("{:06}", pos.step);
                 sample_files.extend(render(&cx, o, &prompts, &suffix, seed)?);
+                sampled_at = pos.step;
             }
             if last_step {
-                break 'epochs;
+                break;
             }
+        }
+        let finished = pos.step >= total;
+        if pos.batch_in_epoch < n_batches {
+            // The run ended inside this epoch.
+            break 'epochs;
         }
         // End of an epoch.
         let epoch_no = pos.epoch + 1;
@@ -718,11 +725,10 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
         pos.batch_in_epoch = 0;
         pos.epoch_loss_sum = 0.0;
         pos.epoch_loss_count = 0;
-        let last_epoch = pos.step >= total;
         if let Some(n) = o.save_every_n_epochs
             && n > 0
             && epoch_no % n == 0
-            && !last_epoch
+            && !finished
         {
             let p = o
                 .out
@@ -739,12 +745,14 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
         {
             let suffix = format!("e{epoch_no:06}");
             sample_files.extend(render(&cx, o, &prompts, &suffix, seed)?);
+            sampled_at = pos.step;
         }
     }
-    // An epoch ended exactly at the last step: count it as finished.
-    if pos.batch_in_epoch > 0 && pos.batch_in_epoch == cx.plan.batches_per_epoch {
-        pos.epoch += 1;
-        pos.batch_in_epoch = 0;
+    // Sample images of the final weights when sampling was asked for (kohya does too).
+    let cadence = o.sample_every_n_epochs.is_some() || o.sample_every_n_steps.is_some();
+    if cadence && !prompts.is_empty() && sampled_at != pos.step {
+        let suffix = format!("{:06}", pos.step);
+        sample_files.extend(render(&cx, o, &prompts, &suffix, seed)?);
     }
     let final_path = o.out.join(format!("{}.safetensors", o.output_name));
     save_point(&cx, &opt, &pos, &final_path)?;
