@@ -21,7 +21,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(name: &str) -> BTreeMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu)
+    candle_core::safetensors::load(fixtures().join(name), &common::device())
         .unwrap()
         .into_iter()
         .collect()
@@ -132,7 +132,11 @@ fn tiny() -> Models {
         .unwrap();
         d
     });
-    let ck = loader::open(dir.path(), &LoadOptions::default()).unwrap();
+    let opts = LoadOptions {
+        device: common::device(),
+        ..LoadOptions::default()
+    };
+    let ck = loader::open(dir.path(), &opts).unwrap();
     Models::new(ck).unwrap()
 }
 
@@ -151,7 +155,7 @@ fn init_is_kaiming_uniform_down_and_zero_up() {
         Some(&mut m.clip),
         &TINY_SHAPE,
         &mut Rng::new(3),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     for md in &net.modules {
@@ -179,7 +183,7 @@ fn gradients_of_every_factor_match_pytorch() {
         Some(&mut m.clip),
         &TINY_SHAPE,
         &mut Rng::new(1),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let file = load("tiny_lora.safetensors");
@@ -230,7 +234,7 @@ fn saved_tensors_equal_kohyas_file() {
         Some(&mut m.clip),
         &TINY_SHAPE,
         &mut Rng::new(1),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let file = load("tiny_lora.safetensors");
@@ -254,7 +258,7 @@ fn saved_tensors_equal_kohyas_file() {
             ..TINY_SHAPE
         },
         &mut Rng::new(1),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let e = other.load_tensors(&file).unwrap_err();
@@ -283,7 +287,7 @@ fn merged_file_matches_diffusers_loader() {
 fn unknown_keys_are_listed_not_ignored() {
     let mut m = tiny();
     let mut file = load("tiny_lora_linear.safetensors");
-    let t = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::zeros((4, 4), DType::F32, &common::device()).unwrap();
     file.insert("lora_unet_no_such_layer.lora_down.weight".into(), t.clone());
     file.insert("lora_unet_no_such_layer.lora_up.weight".into(), t.clone());
     file.insert(
@@ -369,7 +373,7 @@ fn sample_with_lora_equals_diffusers_image() {
     // diffusers' image without the LoRA differs: the file changes the model.
     let base = candle_core::safetensors::load(
         common::checkpoints().join("sample_ref.safetensors"),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let d = (&base["sd1.image"] - &exp["ddim.image"])

@@ -92,6 +92,8 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Run {
         "t",
     ];
     args.extend_from_slice(TINY);
+    let dev = common::device_arg();
+    args.extend_from_slice(&["--device", &dev]);
     args.extend_from_slice(extra);
     sdkit(&args)
 }

@@ -11,6 +11,7 @@ use crate::model::arch::Prediction;
 use crate::model::loader::{self, Format, LoadOptions};
 use crate::model::pipeline::{self, Models, Request, SeededNoise};
 use crate::model::samplers::SamplerKind;
+use crate::train::options::DeviceArg;
 use crate::util::progress;
 
 /// Sampler names on the command line.
@@ -94,6 +95,9 @@ pub struct SampleArgs {
     /// `<lora:name:weight>`); repeatable. Keys that match no layer are listed.
     #[arg(long, value_name = "FILE[:WEIGHT]")]
     pub lora: Vec<String>,
+    /// Where to compute (`cuda` needs a build with `--features cuda`).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
     /// Output folder (PNG files named like webui: 00000-SEED.png).
     #[arg(long, default_value = "samples")]
     pub out: PathBuf,
@@ -122,6 +126,7 @@ impl Default for SampleArgs {
             prediction: None,
             precision: Precision::F32,
             lora: vec![],
+            device: DeviceArg::Cpu,
             out: "samples".into(),
             json: false,
             quiet: false,
@@ -244,9 +249,10 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         Precision::Bf16 => DType::BF16,
     };
     let started = std::time::Instant::now();
+    let device = crate::train::run::device(a.device)?;
     let opts = LoadOptions {
         dtype,
-        device: Device::Cpu,
+        device: device.clone(),
         prediction: a.prediction,
     };
     let ck = loader::open(&model, &opts)?;
@@ -275,7 +281,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
     for i in 0..a.count {
         let seed = first_seed.wrapping_add(i as u64);
         let mut rng = SeededNoise::new(seed);
-        let noise = rng.latent(shape, &Device::Cpu)?;
+        let noise = rng.latent(shape, &Device::Cpu)?.to_device(&device)?;
         let img = pipeline::generate(&models, &req, &noise, &mut rng, &mut || bar.inc(1))?;
         let rgb = pipeline::to_rgb8(&img)?;
         let params = GenParams {

@@ -132,9 +132,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<i32> {
                     eprintln!("warning: skipped {s}");
                 }
                 println!(
-                    "{} steps in {:.1}s, final loss {}",
+                    "{} steps in {:.1}s ({}), final loss {}",
                     r.steps,
                     r.seconds,
+                    r.seconds_per_step
+                        .map(|t| format!("{t:.2} s/step"))
+                        .unwrap_or("-".into()),
                     r.final_loss
                         .map(|l| format!("{l:.4}"))
                         .unwrap_or("-".into())

@@ -77,6 +77,11 @@ pub struct Report {
     pub steps: u64,
     pub final_loss: Option<f64>,
     pub seconds: f64,
+    /// Mean wall time of an optimizer step (the first step, which warms caches, left out
+    /// when there are more), sample images and saves excluded.
+    pub seconds_per_step: Option<f64>,
+    /// Latent caching rate (images per second), when latents were cached up front.
+    pub latent_images_per_second: Option<f64>,
     pub log_dir: Option<PathBuf>,
 }
 
@@ -87,7 +92,8 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn device(d: DeviceArg) -> Result<Device, TrainError> {
+/// The compute device of `--device`.
+pub fn device(d: DeviceArg) -> Result<Device, TrainError> {
     match d {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda => {
@@ -496,6 +502,7 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
     };
 
     // Latents.
+    let mut latent_rate = None;
     let vae_id = vae_fingerprint(&cx.models.vae, &dev).map_err(run_err)?;
     let cache_dir = o
         .cache_latents_to_disk
@@ -511,13 +518,16 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
             .filter(|&i| cx.ds.items[i].repeats > 0)
             .flat_map(|i| flips.iter().map(move |&f| (i, f)))
             .collect();
-        let mut tick = ui.caching(jobs.len() as u64);
+        let n_jobs = jobs.len();
+        let t = std::time::Instant::now();
+        let mut tick = ui.caching(n_jobs as u64);
         for (i, f) in jobs {
             cache
                 .get(&cx.models.vae, i, &cx.ds.items[i], f, &dev)
                 .map_err(run_err)?;
             tick();
         }
+        latent_rate = Some(n_jobs as f64 / t.elapsed().as_secs_f64().max(1e-9));
     }
 
     let mut log = match &o.logging_dir {
@@ -560,12 +570,15 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
     let mut acc: Option<Vec<Vec<Tensor>>> = None;
 
     let mut sampled_at = u64::MAX;
+    let mut step_times: Vec<f64> = Vec::new();
+    let mut step_clock: Option<std::time::Instant> = None;
     ui.start(total, pos.step);
     'epochs: while pos.step < total {
         let batches = cx.ds.epoch_batches(seed, pos.epoch, o.batch_size);
         let n_batches = batches.len() as u64;
         for (bi, batch) in batches.iter().enumerate().skip(pos.batch_in_epoch as usize) {
             let bi = bi as u64;
+            let step_start = *step_clock.get_or_insert_with(std::time::Instant::now);
             // Latents and captions of the batch.
             let mut lat = Vec::with_capacity(batch.len());
             let mut caps = Vec::with_capacity(batch.len());
@@ -667,6 +680,8 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
             let lrs: Vec<f64> = base_lrs.iter().map(|&b| schedule.lr(b, pos.step)).collect();
             opt.step(&grads, &lrs).map_err(run_err)?;
             pos.step += 1;
+            step_times.push(step_start.elapsed().as_secs_f64());
+            step_clock = None;
             let avg = pos.epoch_loss_sum / pos.epoch_loss_count.max(1) as f64;
             ui.step(pos.step, lv, *lrs.last().unwrap_or(&0.0));
             if let Some(w) = &mut log {
@@ -766,6 +781,15 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
         steps: pos.step,
         final_loss: last_loss,
         seconds: t0.elapsed().as_secs_f64(),
+        seconds_per_step: {
+            let t = if step_times.len() > 1 {
+                &step_times[1..]
+            } else {
+                &step_times[..]
+            };
+            (!t.is_empty()).then(|| t.iter().sum::<f64>() / t.len() as f64)
+        },
+        latent_images_per_second: latent_rate,
         log_dir,
     })
 }

@@ -67,3 +67,19 @@ pub fn within(err: f64, tol: f64, what: &str) {
     }
     assert!(err < tol, "{what}: error {err:e}, tolerance {tol:e}");
 }
+
+/// The device reference tests run on: `SDKIT_TEST_DEVICE=cuda` (a `--features cuda`
+/// build on a machine with a GPU, see scripts/gpu-check.sh), CPU otherwise.
+pub fn device() -> candle_core::Device {
+    match std::env::var("SDKIT_TEST_DEVICE").as_deref() {
+        Ok("cuda") => {
+            candle_core::Device::new_cuda(0).expect("SDKIT_TEST_DEVICE=cuda: no CUDA device")
+        }
+        _ => candle_core::Device::Cpu,
+    }
+}
+
+/// `--device` for the CLI under test (`cpu` unless SDKIT_TEST_DEVICE says otherwise).
+pub fn device_arg() -> String {
+    std::env::var("SDKIT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# LoRA training step benchmark: SD1.5 configs with random weights, LoRA dim 32 / alpha 16
+# on the UNet and the text encoder, 512 px, batch 1, f32 on CPU, AdamW. sdkit
+# (`sdkit train lora`, the real command) against diffusers + peft (bench/train/torch_train.py)
+# in the same run: seconds per step (mean of steps 2..N), latent caching rate, peak RSS.
+# Heavy (~4.3 GB of weights, minutes per step on 2 cores): run it on a quiet machine.
+# Needs the reference venv: source ../shared/scripts/refenv.sh (sets $REFPY).
+# Usage: bench/train/run.sh [STEPS]   (default 3)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+STEPS=${1:-3}
+OUT=bench/out/train
+: "${REFPY:?source ../shared/scripts/refenv.sh first}"
+mkdir -p "$OUT"
+PROFILE=${PROFILE:-release}
+cargo build --profile "$PROFILE" --bin sdkit --quiet
+DIR=$PROFILE; [ "$PROFILE" = dev ] && DIR=debug
+BIN=${CARGO_TARGET_DIR:-target}/$DIR/sdkit
+MODEL=$("$REFPY" bench/train/make_model.py "$OUT" 2>/dev/null | tail -1)
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
+  "$(free -g | awk '/Mem:/{print $2}') GB RAM; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$REFPY" bench/train/torch_train.py "$MODEL" "$OUT/data" "$STEPS" 2>&1 | grep -v -i warn
+rm -rf "$OUT/lora"
+/usr/bin/time -f "sdkit peak RSS %M KB" "$BIN" train lora --model "$MODEL" --data "$OUT/data" \
+  --out "$OUT/lora" --output-name bench --network-dim 32 --network-alpha 16 \
+  --learning-rate 1e-4 --max-train-steps "$STEPS" --cache-latents --seed 0 --json --quiet \
+  > "$OUT/sdkit.json"
+"$REFPY" - "$OUT/sdkit.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"sdkit: {r['seconds_per_step']:.2f} s/step, latents {r['latent_images_per_second']:.2f} images/s, "
+      f"{r['plan']['trainable_parameters']} LoRA parameters, {r['steps']} steps in {r['seconds']:.1f} s")
+PY
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
