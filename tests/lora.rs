@@ -91,6 +91,7 @@ fn module_names_and_shapes_equal_kohyas_for_sd15_and_sd21() {
                 alpha: 1.0,
                 conv_dim: conv,
                 conv_alpha: 1.0,
+                dropout: 0.0,
             };
             let net = LoraNetwork::create(
                 Some(&mut m.unet),
@@ -145,6 +146,7 @@ const TINY_SHAPE: LoraShape = LoraShape {
     alpha: 2.0,
     conv_dim: Some(2),
     conv_alpha: 1.0,
+    dropout: 0.0,
 };
 
 #[test]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 from transformers import CLIPTextModel
 
@@ -49,8 +49,9 @@ def main():
     rate = len(images) / (time.perf_counter() - t)
     unet.add_adapter(LoraConfig(r=32, lora_alpha=16, init_lora_weights="gaussian",
                                 target_modules=UNET_TARGETS))
-    te.add_adapter(LoraConfig(r=32, lora_alpha=16, init_lora_weights="gaussian",
-                              target_modules=TE_TARGETS))
+    # transformers' own add_adapter wants a newer peft than the pinned one: inject directly.
+    te = inject_adapter_in_model(LoraConfig(r=32, lora_alpha=16, init_lora_weights="gaussian",
+                                            target_modules=TE_TARGETS), te)
     params = [p for p in list(unet.parameters()) + list(te.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

@@ -11,7 +11,7 @@
 use crate::model::Result;
 use crate::model::clip::ClipTextModel;
 use crate::model::nn::walk::{LayerMut, Parent};
-use crate::model::nn::{Conv2d, Linear, LowRank};
+use crate::model::nn::{Conv2d, Dropout, Linear, LowRank};
 use crate::model::unet::UNet2DConditionModel;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
@@ -28,6 +28,8 @@ pub struct LoraShape {
     /// LoCon: rank of the 3x3 convs in resnets and resamplers; `None` = no LoCon.
     pub conv_dim: Option<usize>,
     pub conv_alpha: f64,
+    /// kohya's `network_dropout`: dropout on `down(x)` while training (0 = off).
+    pub dropout: f64,
 }
 
 /// Which part of the model a module belongs to.
@@ -86,6 +88,8 @@ impl LoraModule {
 #[derive(Clone, Debug, Default)]
 pub struct LoraNetwork {
     pub modules: Vec<LoraModule>,
+    /// The dropout key every module reads (see [`LoraNetwork::set_dropout_key`]).
+    pub dropout_key: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Samples kaiming-uniform(a = sqrt 5) values: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as
@@ -131,6 +135,7 @@ impl LoraNetwork {
     ) -> Result<Self> {
         let mut modules = Vec::new();
         let mut err = None;
+        let key = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut handle = |part: Part, path: &str, parent: Parent, layer: LayerMut| {
             if err.is_some() {
                 return;
@@ -141,12 +146,18 @@ impl LoraNetwork {
             match new_factors(&layer, rank, rng, device) {
                 Ok((down, up)) => {
                     let scale = alpha / rank as f64;
+                    let dropout = (shape.dropout > 0.0).then(|| Dropout {
+                        p: shape.dropout,
+                        key: key.clone(),
+                        salt: modules.len() as u64 + 1,
+                    });
                     set_delta(
                         layer,
                         Some(LowRank {
                             down: down.clone(),
                             up: up.clone(),
                             scale,
+                            dropout,
                         }),
                     );
                     modules.push(LoraModule {
@@ -170,7 +181,17 @@ impl LoraNetwork {
         if let Some(e) = err {
             return Err(e);
         }
-        Ok(Self { modules })
+        Ok(Self {
+            modules,
+            dropout_key: key,
+        })
+    }
+
+    /// The dropout masks of the next forward passes: a non-zero key per training step
+    /// (the same key draws the same masks), 0 for none (inference, sample images).
+    pub fn set_dropout_key(&self, key: u64) {
+        self.dropout_key
+            .store(key, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The trainable Vars of one part, down then up per module.

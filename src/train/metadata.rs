@@ -140,7 +140,10 @@ pub fn lora_metadata(o: &LoraOptions, f: &RunFacts) -> BTreeMap<String, String> 
         None => json!({}),
     };
     put("ss_network_args", args.to_string());
-    put("ss_network_dropout", "None".into());
+    put(
+        "ss_network_dropout",
+        py_opt(o.network_dropout.map(py_float)),
+    );
     put(
         "ss_mixed_precision",
         format!("{:?}", o.mixed_precision).to_lowercase(),

@@ -131,8 +131,9 @@ impl Optimizer {
         for (gi, group) in self.groups.iter().enumerate() {
             let lr = lrs[gi];
             for (vi, var) in group.vars.iter().enumerate() {
-                let g = grads[gi][vi].to_dtype(DType::F32)?;
-                let p = var.as_tensor().to_dtype(DType::F32)?;
+                // Detached: neither the update nor the moments may hold a graph.
+                let g = grads[gi][vi].detach().to_dtype(DType::F32)?;
+                let p = var.as_tensor().detach().to_dtype(DType::F32)?;
                 let (m, v) = &mut self.state[gi][vi];
                 let new_p = match h.kind {
                     OptimizerKind::AdamW => {
@@ -336,6 +337,28 @@ mod tests {
         b.load_state(&saved, a.steps).unwrap();
         assert_eq!(b.state_tensors().unwrap().len(), 2);
         assert_eq!(b.steps, 1);
+    }
+
+    /// A gradient computed from tracked tensors carries their graph; the moments must
+    /// not keep it (they live for the whole run: every step's activations would stay).
+    #[test]
+    fn state_holds_no_graph() {
+        let var = Var::from_vec(vec![1.0f32, 2.0], 2, &Device::Cpu).unwrap();
+        let tracked_grad = (var.as_tensor() * 3.0).unwrap();
+        assert!(tracked_grad.track_op());
+        for kind in [OptimizerKind::AdamW, OptimizerKind::Lion] {
+            let mut o = Optimizer::new(
+                Hyper::defaults(kind),
+                vec![Group {
+                    name: "g".into(),
+                    vars: vec![var.clone()],
+                }],
+            );
+            o.step(&[vec![tracked_grad.clone()]], &[0.1]).unwrap();
+            for (k, t) in o.state_tensors().unwrap() {
+                assert!(!t.track_op(), "{kind:?} {k} keeps a graph");
+            }
+        }
     }
 
     #[test]

@@ -106,6 +106,9 @@ pub struct LoraOptions {
     pub conv_dim: Option<usize>,
     #[arg(long, default_value_t = 1.0)]
     pub conv_alpha: f64,
+    /// Dropout on the LoRA's down output while training (kohya's network_dropout).
+    #[arg(long)]
+    pub network_dropout: Option<f64>,
     #[arg(long)]
     pub network_train_unet_only: bool,
     #[arg(long)]
@@ -275,6 +278,11 @@ impl LoraOptions {
         }
         if self.network_dim == 0 {
             return Err("--network-dim must be at least 1".into());
+        }
+        if let Some(p) = self.network_dropout
+            && !(0.0..1.0).contains(&p)
+        {
+            return Err(format!("--network-dropout {p}: a probability in [0, 1)"));
         }
         for (name, v) in [
             ("--caption-dropout-rate", self.caption_dropout_rate),

@@ -29,6 +29,7 @@ pub enum Purpose {
     Noise = 4,
     Flip = 5,
     Latent = 6,
+    Dropout = 7,
 }
 
 impl Rng {

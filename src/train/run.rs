@@ -260,6 +260,7 @@ impl Ctx<'_> {
             "alpha": self.o.network_alpha,
             "conv_dim": self.o.conv_dim,
             "conv_alpha": self.o.conv_alpha,
+            "dropout": self.o.network_dropout,
             "unet": !self.o.network_train_text_encoder_only,
             "text_encoder": !self.o.network_train_unet_only,
         })
@@ -336,6 +337,7 @@ fn prepare(o: &LoraOptions) -> Result<Ctx<'_>, TrainError> {
         alpha: o.network_alpha,
         conv_dim: o.conv_dim,
         conv_alpha: o.conv_alpha,
+        dropout: o.network_dropout.unwrap_or(0.0),
     };
     let mut init = Rng::stream(seed, Purpose::Init, 0);
     let unet = (!o.network_train_text_encoder_only).then_some(&mut models.unet);
@@ -601,6 +603,8 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
                     1.0
                 });
             }
+            cx.net
+                .set_dropout_key(Rng::stream(seed, Purpose::Dropout, pos.micro).next_u64() | 1);
             let step_result = (|| -> candle_core::Result<(f64, Vec<Vec<Tensor>>)> {
                 let x0 = (Tensor::cat(&lat, 0)? * scaling)?.to_dtype(cx.models.unet.dtype())?;
                 let ctx = encode_captions(
@@ -635,8 +639,10 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
                     .map(|g| {
                         g.vars
                             .iter()
+                            // Detached: a gradient computed from tracked tensors carries
+                            // their graph, which the optimizer's moments would keep alive.
                             .map(|v| match grads.get(v.as_tensor()) {
-                                Some(t) => Ok(t.clone()),
+                                Some(t) => Ok(t.detach()),
                                 None => v.as_tensor().zeros_like(),
                             })
                             .collect::<candle_core::Result<Vec<_>>>()
@@ -644,6 +650,7 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Ok((lv, g))
             })();
+            cx.net.set_dropout_key(0);
             let (lv, g) = step_result.map_err(run_err)?;
             if !lv.is_finite() {
                 let last = saved

@@ -16,6 +16,43 @@ pub struct LowRank {
     pub down: Var,
     pub up: Var,
     pub scale: f64,
+    /// kohya's `network_dropout` on `down(x)` while training.
+    pub dropout: Option<Dropout>,
+}
+
+/// Dropout with a mask drawn from a key the trainer sets per step (0: off, as in
+/// inference), mixed with a per-module salt: the same key gives the same mask, so a resumed
+/// run drops what the uninterrupted one dropped.
+#[derive(Clone, Debug)]
+pub struct Dropout {
+    pub p: f64,
+    pub key: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub salt: u64,
+}
+
+impl Dropout {
+    /// `h` with each element zeroed with probability `p` and the rest scaled by 1/(1-p)
+    /// (torch's `F.dropout`); `h` unchanged when the key is 0.
+    fn apply(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let key = self.key.load(std::sync::atomic::Ordering::Relaxed);
+        if key == 0 || self.p <= 0.0 {
+            return Ok(h.clone());
+        }
+        let keep = 1.0 / (1.0 - self.p);
+        let base = key ^ self.salt.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mask: Vec<f32> = (0..h.elem_count() as u64)
+            .map(|i| {
+                let mut z = base.wrapping_add(i.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+                if u < self.p { 0.0 } else { keep as f32 }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, h.dims(), h.device())?.to_dtype(h.dtype())?;
+        crate::model::grad::mul_frozen(h, &mask)
+    }
 }
 
 /// `y = x W^T + b (+ delta)`.
@@ -67,6 +104,10 @@ impl Linear {
             // Adapter factors are f32 Vars; they compute in the layer's dtype.
             let dt = x.dtype();
             let h = x.broadcast_matmul(&d.down.as_tensor().to_dtype(dt)?.t()?)?;
+            let h = match &d.dropout {
+                Some(dr) => dr.apply(&h)?,
+                None => h,
+            };
             let h = h.broadcast_matmul(&d.up.as_tensor().to_dtype(dt)?.t()?)?;
             y = (y + (h * d.scale)?)?;
         }
@@ -131,6 +172,10 @@ impl Conv2d {
                 1,
                 1,
             )?;
+            let h = match &d.dropout {
+                Some(dr) => dr.apply(&h)?,
+                None => h,
+            };
             let h = h.conv2d(&d.up.as_tensor().to_dtype(dt)?, 0, 1, 1, 1)?;
             y = (y + (h * d.scale)?)?;
         }
@@ -474,6 +519,7 @@ mod tests {
                 down: Var::from_tensor(&down).unwrap(),
                 up: Var::from_tensor(&up).unwrap(),
                 scale: 0.5,
+                dropout: None,
             }),
             stride: 1,
             padding: 1,
@@ -515,6 +561,7 @@ mod tests {
                 down: Var::from_tensor(&ld).unwrap(),
                 up: Var::from_tensor(&lu).unwrap(),
                 scale: 2.0,
+                dropout: None,
             }),
         };
         let merged = Linear {
