@@ -385,3 +385,47 @@ fn sample_with_lora_equals_diffusers_image() {
     let d = d.max_all().unwrap().to_scalar::<f32>().unwrap() * 255.0;
     assert!(d > 5.0, "the LoRA changes the image by only {d} levels");
 }
+
+/// kohya's network_dropout: masks follow the key (same key, same output; another key,
+/// another output), key 0 (inference) is the plain LoRA.
+#[test]
+fn network_dropout_follows_its_key() {
+    let mut m = tiny();
+    let shape = LoraShape {
+        dropout: 0.5,
+        ..TINY_SHAPE
+    };
+    let net = LoraNetwork::create(
+        Some(&mut m.unet),
+        Some(&mut m.clip),
+        &shape,
+        &mut Rng::new(1),
+        &common::device(),
+    )
+    .unwrap();
+    net.load_tensors(&load("tiny_lora.safetensors")).unwrap();
+    let exp = load("tiny_expected.safetensors");
+    let ids = exp["ids"].to_dtype(DType::U32).unwrap();
+    let run = |key: u64| {
+        net.set_dropout_key(key);
+        let ctx = m.clip.encode(&ids, 1).unwrap();
+        m.unet.forward(&exp["noisy"], &exp["t"], &ctx).unwrap()
+    };
+    let plain = run(0);
+    assert!(
+        common::rel_err(&plain, &exp["pred"], 1e-6) < 1e-5,
+        "key 0 is no dropout"
+    );
+    let a = run(7);
+    let b = run(7);
+    let c = run(8);
+    assert_eq!(common::rel_err(&a, &b, 1e-6), 0.0, "same key, same masks");
+    assert!(
+        common::rel_err(&a, &plain, 1e-6) > 1e-3,
+        "dropout changes the output"
+    );
+    assert!(
+        common::rel_err(&a, &c, 1e-6) > 1e-3,
+        "another key, other masks"
+    );
+}

@@ -334,6 +334,8 @@ fn resume_continues_exactly() {
         "0.3",
         "--lr-scheduler",
         "cosine",
+        "--network-dropout",
+        "0.1",
     ];
     let mut full = common_args.to_vec();
     full.extend(["--save-every-n-steps", "3", "--save-state"]);
