@@ -11,6 +11,9 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// 15.9 GB over three steps (live memory stayed at 4.5-10.7 GB) and steps took 76.7 s; with
 /// immediate return the peak is 10.7 GB every step and a step 66.3 s (bench/train, same
 /// machine and run).
+#[cfg(not(target_env = "msvc"))]
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
 pub static malloc_conf: &[u8; 34] = b"dirty_decay_ms:0,muzzy_decay_ms:0\0";
 
 fn main() {

@@ -149,6 +149,20 @@ const TINY_SHAPE: LoraShape = LoraShape {
     dropout: 0.0,
 };
 
+/// The tiny pipeline with a network of `shape` attached (factors from Rng seed 1).
+fn tiny_with(shape: LoraShape) -> (Models, LoraNetwork) {
+    let mut m = tiny();
+    let net = LoraNetwork::create(
+        Some(&mut m.unet),
+        Some(&mut m.clip),
+        &shape,
+        &mut Rng::new(1),
+        &common::device(),
+    )
+    .unwrap();
+    (m, net)
+}
+
 #[test]
 fn init_is_kaiming_uniform_down_and_zero_up() {
     let mut m = tiny();
@@ -179,15 +193,7 @@ fn init_is_kaiming_uniform_down_and_zero_up() {
 /// that drops the time-embedding gradient) or a transposed factor gives >= 1e-2.
 #[test]
 fn gradients_of_every_factor_match_pytorch() {
-    let mut m = tiny();
-    let net = LoraNetwork::create(
-        Some(&mut m.unet),
-        Some(&mut m.clip),
-        &TINY_SHAPE,
-        &mut Rng::new(1),
-        &common::device(),
-    )
-    .unwrap();
+    let (m, net) = tiny_with(TINY_SHAPE);
     let file = load("tiny_lora.safetensors");
     net.load_tensors(&file).unwrap();
     let exp = load("tiny_expected.safetensors");
@@ -230,15 +236,7 @@ fn gradients_of_every_factor_match_pytorch() {
 /// sdkit writes the tensors kohya writes: same keys, shapes, values, 0-dim alpha.
 #[test]
 fn saved_tensors_equal_kohyas_file() {
-    let mut m = tiny();
-    let net = LoraNetwork::create(
-        Some(&mut m.unet),
-        Some(&mut m.clip),
-        &TINY_SHAPE,
-        &mut Rng::new(1),
-        &common::device(),
-    )
-    .unwrap();
+    let (_m, net) = tiny_with(TINY_SHAPE);
     let file = load("tiny_lora.safetensors");
     net.load_tensors(&file).unwrap();
     let ours: BTreeMap<String, Tensor> = net.tensors(DType::F32).unwrap().into_iter().collect();
@@ -251,18 +249,10 @@ fn saved_tensors_equal_kohyas_file() {
         assert_eq!(common::rel_err(t, &file[k], 1e-12), 0.0, "{k}");
     }
     // A network of another shape refuses the file, naming why.
-    let mut m2 = tiny();
-    let other = LoraNetwork::create(
-        Some(&mut m2.unet),
-        Some(&mut m2.clip),
-        &LoraShape {
-            dim: 8,
-            ..TINY_SHAPE
-        },
-        &mut Rng::new(1),
-        &common::device(),
-    )
-    .unwrap();
+    let (_, other) = tiny_with(LoraShape {
+        dim: 8,
+        ..TINY_SHAPE
+    });
     let e = other.load_tensors(&file).unwrap_err();
     assert!(e.contains("network-dim"), "{e}");
 }
@@ -390,19 +380,10 @@ fn sample_with_lora_equals_diffusers_image() {
 /// another output), key 0 (inference) is the plain LoRA.
 #[test]
 fn network_dropout_follows_its_key() {
-    let mut m = tiny();
-    let shape = LoraShape {
+    let (m, net) = tiny_with(LoraShape {
         dropout: 0.5,
         ..TINY_SHAPE
-    };
-    let net = LoraNetwork::create(
-        Some(&mut m.unet),
-        Some(&mut m.clip),
-        &shape,
-        &mut Rng::new(1),
-        &common::device(),
-    )
-    .unwrap();
+    });
     net.load_tensors(&load("tiny_lora.safetensors")).unwrap();
     let exp = load("tiny_expected.safetensors");
     let ids = exp["ids"].to_dtype(DType::U32).unwrap();

@@ -229,6 +229,35 @@ fn conv2d_input_grad(
     }
 }
 
+/// Nearest upsampling of [N, C, h, w] to (th, tw) with a backward at every size (candle's
+/// own backward only takes one integer factor for both sides; a latent whose size is not
+/// a multiple of 8 upsamples 5 -> 9). Source index `floor(dst * in / out)`, as candle's
+/// forward and torch's `nearest`; the gradient sums each output's gradient into its source.
+pub fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let device = x.device().clone();
+    let index = move |out: usize, inp: usize| -> candle_core::Result<Tensor> {
+        // The same arithmetic as candle's forward, so every gradient goes where the value came from.
+        let scale = inp as f64 / out as f64;
+        let v: Vec<u32> = (0..out)
+            .map(|i| ((i as f64 * scale) as usize).min(inp - 1) as u32)
+            .collect();
+        Tensor::from_vec(v, out, &device)
+    };
+    let (rows, cols) = (index(th, h)?, index(tw, w)?);
+    crate::model::grad::input_grad_only(
+        x,
+        |x| x.upsample_nearest2d(th, tw),
+        move |g| {
+            let (n, c, _, _) = g.dims4()?;
+            let zr = Tensor::zeros((n, c, h, tw), g.dtype(), g.device())?;
+            let r = zr.index_add(&rows, &g.contiguous()?, 2)?;
+            let zc = Tensor::zeros((n, c, h, w), g.dtype(), g.device())?;
+            zc.index_add(&cols, &r.contiguous()?, 3)
+        },
+    )
+}
+
 /// Layer norm over the last dimension with affine weight and bias.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
@@ -357,6 +386,65 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upsample_nearest_backward_at_any_size() {
+        let x = Var::from_vec(
+            (0..15).map(|v| v as f32).collect::<Vec<_>>(),
+            (1, 1, 3, 5),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let (th, tw) = (5, 9);
+        let r: Vec<f32> = (0..th * tw).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let rt = Tensor::from_vec(r.clone(), (1, 1, th, tw), &candle_core::Device::Cpu).unwrap();
+        let y = upsample_nearest(x.as_tensor(), th, tw).unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            x.as_tensor()
+                .upsample_nearest2d(th, tw)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        let g = (y * rt).unwrap().sum_all().unwrap().backward().unwrap();
+        let got: Vec<f32> = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut want = vec![0f32; 15];
+        for i in 0..th {
+            for j in 0..tw {
+                let (si, sj) = (i * 3 / th, j * 5 / tw);
+                want[si * 5 + sj] += r[i * tw + j];
+            }
+        }
+        assert_eq!(got, want);
+        // An integer factor gives candle's own gradient.
+        let y2 = upsample_nearest(x.as_tensor(), 6, 10).unwrap();
+        let y3 = x.as_tensor().upsample_nearest2d(6, 10).unwrap();
+        let a = y2.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let b = y3.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            a.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            b.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+    }
     use candle_core::Device;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
