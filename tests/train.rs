@@ -316,18 +316,22 @@ fn trains_a_lora_that_learns_and_loads() {
     assert_eq!(count, 30);
 }
 
-/// Resuming from a mid-run state gives the same final weights as the uninterrupted run.
+/// Resuming from a mid-run state gives the same final weights as the uninterrupted run
+/// (AdamW; and Prodigy, whose step-size estimate is part of the state).
 #[test]
 fn resume_continues_exactly() {
+    resume_case(&["--learning-rate", "1e-3"]);
+    resume_case(&["--optimizer", "prodigy", "--learning-rate", "1.0"]);
+}
+
+fn resume_case(optimizer: &[&str]) {
     let d = dataset();
     let a = tempfile::tempdir().unwrap();
-    let common_args = [
+    let mut common_args = vec![
         "--max-train-steps",
         "6",
         "--batch-size",
         "2",
-        "--learning-rate",
-        "1e-3",
         "--shuffle-caption",
         "--flip-aug",
         "--caption-tag-dropout-rate",
@@ -337,6 +341,7 @@ fn resume_continues_exactly() {
         "--network-dropout",
         "0.1",
     ];
+    common_args.extend_from_slice(optimizer);
     let mut full = common_args.to_vec();
     full.extend(["--save-every-n-steps", "3", "--save-state"]);
     let r = train(d.path(), a.path(), &full);

@@ -16,6 +16,10 @@ pub enum OptimizerKind {
     Lion,
     #[value(name = "sgd", alias = "SGD")]
     Sgd,
+    /// Prodigy (prodigyopt): AdamW whose step size `d` is estimated as it goes; run it
+    /// with learning rate 1.0.
+    #[value(name = "prodigy", alias = "Prodigy")]
+    Prodigy,
 }
 
 impl OptimizerKind {
@@ -25,6 +29,7 @@ impl OptimizerKind {
             OptimizerKind::AdamW => "torch.optim.adamw.AdamW",
             OptimizerKind::Lion => "lion_pytorch.lion_pytorch.Lion",
             OptimizerKind::Sgd => "torch.optim.sgd.SGD",
+            OptimizerKind::Prodigy => "prodigyopt.prodigy.Prodigy",
         }
     }
 }
@@ -38,6 +43,9 @@ pub struct Hyper {
     pub eps: f64,
     pub weight_decay: f64,
     pub momentum: f64,
+    /// Prodigy: initial step size estimate and its multiplier.
+    pub d0: f64,
+    pub d_coef: f64,
 }
 
 impl Hyper {
@@ -46,6 +54,7 @@ impl Hyper {
             OptimizerKind::AdamW => (0.9, 0.999, 0.01),
             OptimizerKind::Lion => (0.9, 0.99, 0.0),
             OptimizerKind::Sgd => (0.0, 0.0, 0.0),
+            OptimizerKind::Prodigy => (0.9, 0.999, 0.0),
         };
         Self {
             kind,
@@ -54,6 +63,8 @@ impl Hyper {
             eps: 1e-8,
             weight_decay,
             momentum: 0.0,
+            d0: 1e-6,
+            d_coef: 1.0,
         }
     }
 
@@ -82,9 +93,11 @@ impl Hyper {
                 "weight_decay" => self.weight_decay = num(v)?,
                 "eps" => self.eps = num(v)?,
                 "momentum" => self.momentum = num(v)?,
+                "d0" => self.d0 = num(v)?,
+                "d_coef" => self.d_coef = num(v)?,
                 other => {
                     return Err(format!(
-                        "--optimizer-args: unknown key {other:?} (accepted: betas, weight_decay, eps, momentum)"
+                        "--optimizer-args: unknown key {other:?} (accepted: betas, weight_decay, eps, momentum, d0, d_coef)"
                     ));
                 }
             }
@@ -105,26 +118,39 @@ pub struct Optimizer {
     pub groups: Vec<Group>,
     /// Per group, per var: (first moment or momentum buffer, second moment).
     state: Vec<Vec<(Option<Tensor>, Option<Tensor>)>>,
+    /// Prodigy, per group, per var: (s, the initial value p0).
+    prodigy_state: Vec<Vec<(Option<Tensor>, Option<Tensor>)>>,
+    /// Prodigy's step size estimate, its maximum and the running numerator.
+    pub d: f64,
+    pub d_max: f64,
+    pub d_numerator: f64,
     /// Updates done so far.
     pub steps: u64,
 }
 
 impl Optimizer {
     pub fn new(hyper: Hyper, groups: Vec<Group>) -> Self {
-        let state = groups
+        let state: Vec<Vec<_>> = groups
             .iter()
             .map(|g| vec![(None, None); g.vars.len()])
             .collect();
         Self {
             hyper,
             groups,
+            prodigy_state: state.clone(),
             state,
+            d: hyper.d0,
+            d_max: hyper.d0,
+            d_numerator: 0.0,
             steps: 0,
         }
     }
 
     /// One update with `grads[g][i]` for `groups[g].vars[i]` and `lrs[g]`.
     pub fn step(&mut self, grads: &[Vec<Tensor>], lrs: &[f64]) -> candle_core::Result<()> {
+        if self.hyper.kind == OptimizerKind::Prodigy {
+            return self.step_prodigy(grads, lrs);
+        }
         self.steps += 1;
         let h = self.hyper;
         let t = self.steps as i32;
@@ -166,6 +192,7 @@ impl Optimizer {
                         *m = Some(((m0 * h.beta2)? + (&g * (1.0 - h.beta2))?)?);
                         (p - upd)?
                     }
+                    OptimizerKind::Prodigy => unreachable!("step_prodigy"),
                     OptimizerKind::Sgd => {
                         let g = if h.weight_decay != 0.0 {
                             (&g + (&p * h.weight_decay)?)?
@@ -191,6 +218,84 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Prodigy's update (prodigyopt 1.1): the numerator and denominator of the step size
+    /// estimate accumulate over every parameter with the current `d`, `d` grows to the
+    /// estimate, then each parameter takes an Adam step of size `d * lr` (the `d` before
+    /// the update) with decoupled weight decay. Groups share one rate (or 0).
+    fn step_prodigy(&mut self, grads: &[Vec<Tensor>], lrs: &[f64]) -> candle_core::Result<()> {
+        let h = self.hyper;
+        let lr = lrs.iter().copied().fold(0.0, f64::max);
+        let beta3 = h.beta2.sqrt();
+        let d = self.d;
+        let dlr = d * lr;
+        let mut numerator = self.d_numerator * beta3;
+        let mut denom = 0.0;
+        let scalar =
+            |t: Tensor| -> candle_core::Result<f64> { t.to_dtype(DType::F64)?.to_scalar::<f64>() };
+        for (gi, group) in self.groups.iter().enumerate() {
+            if lrs[gi] <= 0.0 {
+                continue;
+            }
+            for (vi, var) in group.vars.iter().enumerate() {
+                let g = grads[gi][vi].detach().to_dtype(DType::F32)?;
+                let p = var.as_tensor().detach().to_dtype(DType::F32)?;
+                let (s_state, p0) = &mut self.prodigy_state[gi][vi];
+                let p0 = p0.get_or_insert_with(|| p.copy().unwrap_or_else(|_| p.clone()));
+                numerator += (d / h.d0) * dlr * scalar((&g * (&*p0 - &p)?)?.sum_all()?)?;
+                let (m, v) = &mut self.state[gi][vi];
+                let m1 = match m.take() {
+                    Some(m) => ((m * h.beta1)? + (&g * (d * (1.0 - h.beta1)))?)?,
+                    None => (&g * (d * (1.0 - h.beta1)))?,
+                };
+                let g2 = g.sqr()?;
+                let v1 = match v.take() {
+                    Some(v) => ((v * h.beta2)? + (g2 * (d * d * (1.0 - h.beta2)))?)?,
+                    None => (g2 * (d * d * (1.0 - h.beta2)))?,
+                };
+                let s1 = match s_state.take() {
+                    Some(s) => ((s * beta3)? + (&g * ((d / h.d0) * dlr))?)?,
+                    None => (&g * ((d / h.d0) * dlr))?,
+                };
+                denom += scalar(s1.abs()?.sum_all()?)?;
+                *m = Some(m1);
+                *v = Some(v1);
+                *s_state = Some(s1);
+            }
+        }
+        if denom == 0.0 {
+            return Ok(());
+        }
+        self.steps += 1;
+        let mut d_new = d;
+        if lr > 0.0 {
+            let d_hat = h.d_coef * numerator / denom;
+            if d == h.d0 {
+                d_new = d.max(d_hat);
+            }
+            self.d_max = self.d_max.max(d_hat);
+            // growth_rate is unbounded: min(d_max, d * inf) is d_max.
+            d_new = if d_new > 0.0 { self.d_max } else { d_new };
+        }
+        self.d_numerator = numerator;
+        self.d = d_new;
+        for (gi, group) in self.groups.iter().enumerate() {
+            for (vi, var) in group.vars.iter().enumerate() {
+                let (m, v) = &self.state[gi][vi];
+                let (Some(m), Some(v)) = (m, v) else { continue };
+                let p = var.as_tensor().detach().to_dtype(DType::F32)?;
+                let p = if h.weight_decay != 0.0 {
+                    (&p * (1.0 - h.weight_decay * dlr))?
+                } else {
+                    p
+                };
+                let den = (v.sqrt()? + d_new * h.eps)?;
+                let new_p = (p - (m.div(&den)? * dlr)?)?;
+                var.set(&new_p.to_dtype(var.dtype())?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The moments as named tensors (`<group>.<index>.m` / `.v`) and the step count.
     pub fn state_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
@@ -203,6 +308,23 @@ impl Optimizer {
                 if let Some(v) = v {
                     out.push((format!("{}.{vi}.v", g.name), cpu(v)?));
                 }
+                let (s, p0) = &self.prodigy_state[gi][vi];
+                if let Some(s) = s {
+                    out.push((format!("{}.{vi}.s", g.name), cpu(s)?));
+                }
+                if let Some(p0) = p0 {
+                    out.push((format!("{}.{vi}.p0", g.name), cpu(p0)?));
+                }
+            }
+        }
+        if self.hyper.kind == OptimizerKind::Prodigy {
+            let dev = candle_core::Device::Cpu;
+            for (k, x) in [
+                ("prodigy.d", self.d),
+                ("prodigy.d_max", self.d_max),
+                ("prodigy.d_numerator", self.d_numerator),
+            ] {
+                out.push((k.to_string(), Tensor::new(x, &dev)?));
             }
         }
         Ok(out)
@@ -234,7 +356,24 @@ impl Optimizer {
                     }
                 };
                 self.state[gi][vi] = (get("m")?, get("v")?);
+                self.prodigy_state[gi][vi] = (get("s")?, get("p0")?);
             }
+        }
+        let f = |k: &str| -> Result<Option<f64>, String> {
+            tensors
+                .get(k)
+                .map(|t| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()))
+                .transpose()
+                .map_err(|e| e.to_string())
+        };
+        if let Some(d) = f("prodigy.d")? {
+            self.d = d;
+        }
+        if let Some(d) = f("prodigy.d_max")? {
+            self.d_max = d;
+        }
+        if let Some(n) = f("prodigy.d_numerator")? {
+            self.d_numerator = n;
         }
         Ok(())
     }
@@ -357,6 +496,60 @@ mod tests {
             o.step(&[vec![tracked_grad.clone()]], &[0.1]).unwrap();
             for (k, t) in o.state_tensors().unwrap() {
                 assert!(!t.track_op(), "{kind:?} {k} keeps a graph");
+            }
+        }
+    }
+
+    /// Prodigy against the prodigyopt package (tests/fixtures/gen_optim_fixtures.py): two
+    /// groups (one starting at zero), weight decay, six steps; values within f32 rounding.
+    #[test]
+    fn prodigy_matches_prodigyopt() {
+        let fx: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/optim/prodigy.json")).unwrap();
+        let v = |x: &serde_json::Value| -> Vec<f32> {
+            x.as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_f64().unwrap() as f32)
+                .collect()
+        };
+        let a = Var::from_vec(v(&fx["a0"]), 5, &Device::Cpu).unwrap();
+        let b = Var::from_vec(v(&fx["b0"]), 3, &Device::Cpu).unwrap();
+        let mut h = Hyper::defaults(OptimizerKind::Prodigy);
+        h.weight_decay = 0.01;
+        h.d0 = 1e-2;
+        let mut o = Optimizer::new(
+            h,
+            vec![
+                Group {
+                    name: "a".into(),
+                    vars: vec![a.clone()],
+                },
+                Group {
+                    name: "b".into(),
+                    vars: vec![b.clone()],
+                },
+            ],
+        );
+        for (i, st) in fx["steps"].as_array().unwrap().iter().enumerate() {
+            let ga = Tensor::from_vec(v(&st["ga"]), 5, &Device::Cpu).unwrap();
+            let gb = Tensor::from_vec(v(&st["gb"]), 3, &Device::Cpu).unwrap();
+            o.step(&[vec![ga], vec![gb]], &[1.0, 1.0]).unwrap();
+            let want_d = st["d"].as_f64().unwrap();
+            assert!(
+                (o.d - want_d).abs() <= 1e-4 * want_d,
+                "step {i}: d {} vs {want_d}",
+                o.d
+            );
+            for (var, key) in [(&a, "a"), (&b, "b")] {
+                let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+                for (x, y) in got.iter().zip(v(&st[key])) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * y.abs().max(1e-3),
+                        "step {i} {key}: {got:?} vs {:?}",
+                        v(&st[key])
+                    );
+                }
             }
         }
     }

@@ -441,6 +441,14 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
             base_lrs.push(lr.unwrap_or(o.learning_rate));
         }
     }
+    if o.optimizer == super::optim::OptimizerKind::Prodigy {
+        let rates: Vec<f64> = base_lrs.iter().copied().filter(|&r| r > 0.0).collect();
+        if rates.windows(2).any(|w| w[0] != w[1]) {
+            return Err(input(
+                "--optimizer prodigy takes one learning rate for UNet and text encoder (or 0 for one of them); it is usually run at 1.0",
+            ));
+        }
+    }
     let mut opt = Optimizer::new(hyper, groups);
     if let Some(dir) = &o.resume {
         let st = state::load(dir).map_err(input)?;
