@@ -80,7 +80,8 @@ pub struct LoraOptions {
     pub bucket_reso_steps: u32,
     #[arg(long)]
     pub bucket_no_upscale: bool,
-    /// Caption files next to the images.
+    /// Caption files next to the images (what `sdkit prep` writes; kohya's own default is
+    /// .caption).
     #[arg(long, default_value = ".txt")]
     pub caption_extension: String,
     #[arg(long, default_value_t = 1, alias = "train-batch-size")]
