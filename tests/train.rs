@@ -99,7 +99,7 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Run {
 }
 
 fn read_lora(p: &Path) -> (BTreeMap<String, Tensor>, BTreeMap<String, String>) {
-    sdkit::formats::kohya_lora::read(p).unwrap()
+    sdkit::formats::safetensors::read_with_metadata(p).unwrap()
 }
 
 #[test]
@@ -284,7 +284,7 @@ fn trains_a_lora_that_learns_and_loads() {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let list: Vec<(String, Tensor)> = tensors.clone().into_iter().collect();
-    let bytes = sdkit::formats::kohya_lora::serialize(&list, &ss).unwrap();
+    let bytes = sdkit::formats::safetensors::serialize(&list, &ss).unwrap();
     let (h, _) = sdkit::formats::kohya_lora::addnet_hashes(&bytes);
     assert_eq!(meta["sshs_model_hash"], h);
 

@@ -11,8 +11,9 @@
 use crate::model::Result;
 use crate::model::clip::ClipTextModel;
 use crate::model::nn::walk::{LayerMut, Parent};
-use crate::model::nn::{Conv2d, Dropout, Linear, LowRank};
+use crate::model::nn::{Dropout, LowRank};
 use crate::model::unet::UNet2DConditionModel;
+use crate::model::weights::Param;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
 
@@ -360,8 +361,8 @@ pub fn merge_into(
         let name = kohya_name(part, path);
         let Some(m) = modules.get(&name) else { return };
         let res = match layer {
-            LayerMut::Linear(l) => merge_linear(l, m, multiplier),
-            LayerMut::Conv(c) => merge_conv(c, m, multiplier),
+            LayerMut::Linear(l) => merge(&mut l.weight, m, multiplier),
+            LayerMut::Conv(c) => merge(&mut c.weight, m, multiplier),
         };
         match res {
             Ok(true) => {
@@ -397,30 +398,15 @@ pub fn merge_into(
     Ok(applied)
 }
 
-fn add_to(
-    param: &mut crate::model::weights::Param,
-    d: &Tensor,
-    mult: f64,
-) -> candle_core::Result<()> {
+/// Add `multiplier` x the module's delta to a layer weight; `false` when the module's
+/// factors do not fit the layer.
+fn merge(param: &mut Param, m: &FileModule, mult: f64) -> candle_core::Result<bool> {
     let w = param.tensor();
+    let Some(d) = delta_weight(m, w.dims())? else {
+        return Ok(false);
+    };
     let merged =
         (w.to_dtype(DType::F32)? + (d.to_device(w.device())? * mult)?)?.to_dtype(w.dtype())?;
-    *param = crate::model::weights::Param::Frozen(merged.detach());
-    Ok(())
-}
-
-fn merge_linear(l: &mut Linear, m: &FileModule, mult: f64) -> candle_core::Result<bool> {
-    let dims = l.weight.tensor().dims().to_vec();
-    match delta_weight(m, &dims)? {
-        Some(d) => add_to(&mut l.weight, &d, mult).map(|_| true),
-        None => Ok(false),
-    }
-}
-
-fn merge_conv(c: &mut Conv2d, m: &FileModule, mult: f64) -> candle_core::Result<bool> {
-    let dims = c.weight.tensor().dims().to_vec();
-    match delta_weight(m, &dims)? {
-        Some(d) => add_to(&mut c.weight, &d, mult).map(|_| true),
-        None => Ok(false),
-    }
+    *param = Param::Frozen(merged.detach());
+    Ok(true)
 }

@@ -170,7 +170,8 @@ fn apply_loras(models: &mut Models, args: &[String]) -> anyhow::Result<(Vec<Appl
     let mut hashes = Vec::new();
     for a in args {
         let (file, weight) = parse_lora(a);
-        let (tensors, _) = crate::formats::kohya_lora::read(&file).map_err(anyhow::Error::msg)?;
+        let (tensors, _) =
+            crate::formats::safetensors::read_with_metadata(&file).map_err(anyhow::Error::msg)?;
         let r =
             crate::adapters::lora::merge_into(&tensors, &mut models.unet, &mut models.clip, weight)
                 .with_context(|| format!("{}: cannot apply", file.display()))?;

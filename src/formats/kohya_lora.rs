@@ -3,21 +3,11 @@
 //! sd-scripts `library/train_util.py`: computed over the file as it would be written with
 //! only the `ss_*` metadata). Written atomically.
 
+use super::safetensors::serialize;
 use candle_core::Tensor;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-
-/// safetensors bytes of `tensors` with `metadata` (tensor order as the format lays it out).
-pub fn serialize(
-    tensors: &[(String, Tensor)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<Vec<u8>, String> {
-    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let meta = (!meta.is_empty()).then_some(meta);
-    safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), meta)
-        .map_err(|e| format!("cannot serialize tensors: {e}"))
-}
 
 /// kohya's `addnet_hash_safetensors` (sha256 of everything after the header) and
 /// `addnet_hash_legacy` (first 8 hex of sha256 of 64 KiB at offset 1 MiB).
@@ -52,21 +42,4 @@ pub fn save(
     let bytes = serialize(tensors, &meta)?;
     crate::util::atomic::write_atomic(path, &bytes)
         .map_err(|e| format!("{}: cannot write: {e}", path.display()))
-}
-
-/// Every tensor of a safetensors file and its string metadata.
-pub fn read(path: &Path) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| format!("{}: not a safetensors file: {e}", path.display()))?;
-    let metadata: BTreeMap<String, String> = meta
-        .metadata()
-        .clone()
-        .map(|m| m.into_iter().collect())
-        .unwrap_or_default();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .into_iter()
-        .collect();
-    Ok((tensors, metadata))
 }

@@ -132,3 +132,41 @@ mod tests {
         assert!(read_all(&p).unwrap_err().contains("not a safetensors file"));
     }
 }
+
+/// safetensors bytes of `tensors` with string `metadata` (tensor order as the format lays
+/// it out, so equal tensors give equal data bytes).
+pub fn serialize(
+    tensors: &[(String, Tensor)],
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<u8>, String> {
+    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    let meta = (!meta.is_empty()).then_some(meta);
+    safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), meta)
+        .map_err(|e| format!("cannot serialize tensors: {e}"))
+}
+
+/// Every tensor of a (small) safetensors file on the CPU, and its string metadata; errors
+/// name the file.
+pub fn read_with_metadata(
+    path: &Path,
+) -> Result<
+    (
+        std::collections::BTreeMap<String, Tensor>,
+        std::collections::BTreeMap<String, String>,
+    ),
+    String,
+> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| format!("{}: not a safetensors file: {e}", path.display()))?;
+    let metadata = meta
+        .metadata()
+        .clone()
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .into_iter()
+        .collect();
+    Ok((tensors, metadata))
+}

@@ -45,7 +45,7 @@ pub fn vae_fingerprint(vae: &AutoencoderKL, device: &Device) -> Result<String, S
         image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x + y) * 2) as u8])
     });
     let x = image_to_tensor(&img, device)
-        .and_then(|t| Ok(t.to_dtype(vae_dtype(vae))?))
+        .and_then(|t| Ok(t.to_dtype(vae.dtype())?))
         .map_err(|e| e.to_string())?;
     let z = vae.encode(&x).map_err(|e| e.to_string())?;
     let v: Vec<f32> = z
@@ -55,10 +55,6 @@ pub fn vae_fingerprint(vae: &AutoencoderKL, device: &Device) -> Result<String, S
         .map_err(|e| e.to_string())?;
     let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
     Ok(blake3::hash(&bytes).to_hex()[..16].to_string())
-}
-
-fn vae_dtype(vae: &AutoencoderKL) -> DType {
-    vae.dtype()
 }
 
 /// Latents of items, cached.
@@ -156,8 +152,10 @@ fn save_latent(p: &Path, t: &Tensor) -> Result<(), String> {
         crate::util::atomic::create_dir_all(d).map_err(|e| e.to_string())?;
     }
     let cpu = t.to_device(&Device::Cpu).map_err(|e| e.to_string())?;
-    let bytes =
-        crate::formats::kohya_lora::serialize(&[("latent".to_string(), cpu)], &Default::default())?;
+    let bytes = crate::formats::safetensors::serialize(
+        &[("latent".to_string(), cpu)],
+        &Default::default(),
+    )?;
     crate::util::atomic::write_atomic(p, &bytes).map_err(|e| format!("{}: {e}", p.display()))
 }
 

@@ -64,11 +64,11 @@ pub fn save(
     };
     write(
         "adapter.safetensors",
-        &crate::formats::kohya_lora::serialize(adapter, &none)?,
+        &crate::formats::safetensors::serialize(adapter, &none)?,
     )?;
     write(
         "optimizer.safetensors",
-        &crate::formats::kohya_lora::serialize(optimizer, &none)?,
+        &crate::formats::safetensors::serialize(optimizer, &none)?,
     )?;
     let json = serde_json::to_string_pretty(info).map_err(|e| e.to_string())?;
     write("state.json", json.as_bytes())?;
@@ -118,7 +118,7 @@ pub fn load(dir: &Path) -> Result<Loaded, String> {
     }
     let read = |name: &str| -> Result<BTreeMap<String, Tensor>, String> {
         let p = dir.join(name);
-        crate::formats::kohya_lora::read(&p).map(|(t, _)| t)
+        crate::formats::safetensors::read_with_metadata(&p).map(|(t, _)| t)
     };
     Ok(Loaded {
         info,
