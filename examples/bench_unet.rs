@@ -139,6 +139,7 @@ fn profile(model: &UNet2DConditionModel, x: &Tensor, t: &Tensor, ctx: &Tensor) -
         temb_act: &temb_act,
         ctx,
         hooks: &model.hooks,
+        checkpointing: None,
     };
     let (mut h, s) = timed(|| Ok(model.conv_in.forward(x)?))?;
     println!("conv_in               {s:7.3} s");

@@ -11,6 +11,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use sdkit::adapters::lora::{self, LoraNetwork, LoraShape, Part};
 use sdkit::model::loader::{self, Format, LoadOptions};
+use sdkit::model::nn::checkpoint::Checkpointing;
 use sdkit::model::pipeline::Models;
 use sdkit::train::rng::Rng;
 use std::collections::{BTreeMap, HashMap};
@@ -193,9 +194,23 @@ fn init_is_kaiming_uniform_down_and_zero_up() {
 /// that drops the time-embedding gradient) or a transposed factor gives >= 1e-2.
 #[test]
 fn gradients_of_every_factor_match_pytorch() {
-    let (m, net) = tiny_with(TINY_SHAPE);
+    check_gradients_against_pytorch(false);
+}
+
+/// The same with `--gradient-checkpointing`: blocks recomputed in the backward give the
+/// same gradients (UNet factors through the sidecar, text-encoder factors through the
+/// recomputed blocks' context gradient).
+#[test]
+fn gradients_with_checkpointing_match_pytorch() {
+    check_gradients_against_pytorch(true);
+}
+
+fn check_gradients_against_pytorch(checkpointing: bool) {
+    let (mut m, net) = tiny_with(TINY_SHAPE);
     let file = load("tiny_lora.safetensors");
     net.load_tensors(&file).unwrap();
+    let ck = checkpointing.then(|| Checkpointing::new(net.vars(Part::Unet)));
+    m.unet.checkpointing = ck.clone();
     let exp = load("tiny_expected.safetensors");
     let ids = exp["ids"].to_dtype(DType::U32).unwrap();
     let ctx = m.clip.encode(&ids, 1).unwrap();
@@ -219,10 +234,19 @@ fn gradients_of_every_factor_match_pytorch() {
     for md in &net.modules {
         for (suffix, var) in [("lora_down.weight", &md.down), ("lora_up.weight", &md.up)] {
             let key = format!("grad.{}.{suffix}", md.name);
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {key}"));
-            let e = common::rel_err(g, &exp[&key], 1e-8);
+            let outer = grads.get(var.as_tensor()).cloned();
+            let inner = ck.as_ref().and_then(|c| c.take(var).unwrap());
+            let in_block = md.name.contains("_resnets_") || md.name.contains("_attentions_");
+            if ck.is_some() && md.name.starts_with("lora_unet_") && in_block {
+                // Factors inside a checkpointed resnet or transformer.
+                assert!(outer.is_none(), "{key}: recorded outside the checkpoint");
+            }
+            let g = match (outer, inner) {
+                (Some(a), Some(b)) => (a + b).unwrap(),
+                (Some(g), None) | (None, Some(g)) => g,
+                (None, None) => panic!("no gradient for {key}"),
+            };
+            let e = common::rel_err(&g, &exp[&key], 1e-8);
             if e >= 1e-4 {
                 bad.push(format!("{key}: rel err {e}"));
             }
@@ -409,4 +433,49 @@ fn network_dropout_follows_its_key() {
         common::rel_err(&a, &c, 1e-6) > 1e-3,
         "another key, other masks"
     );
+}
+
+/// Recomputation draws the dropout masks of the first forward (same key): with
+/// `--network-dropout` the checkpointed gradients equal the plain ones.
+#[test]
+fn checkpointing_recomputes_the_same_dropout_masks() {
+    let grads = |checkpointing: bool| {
+        let (mut m, net) = tiny_with(LoraShape {
+            dropout: 0.5,
+            ..TINY_SHAPE
+        });
+        net.load_tensors(&load("tiny_lora.safetensors")).unwrap();
+        let ck = checkpointing.then(|| Checkpointing::new(net.vars(Part::Unet)));
+        m.unet.checkpointing = ck.clone();
+        let exp = load("tiny_expected.safetensors");
+        net.set_dropout_key(11);
+        let ctx = m
+            .clip
+            .encode(&exp["ids"].to_dtype(DType::U32).unwrap(), 1)
+            .unwrap();
+        let pred = m.unet.forward(&exp["noisy"], &exp["t"], &ctx).unwrap();
+        let g = pred.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        let mut out = vec![];
+        for md in net
+            .modules
+            .iter()
+            .filter(|m| m.name.starts_with("lora_unet_"))
+        {
+            let outer = g.get(md.down.as_tensor()).cloned();
+            let t = match ck.as_ref().and_then(|c| c.take(&md.down).unwrap()) {
+                Some(inner) => {
+                    assert!(outer.is_none(), "{}: counted twice", md.name);
+                    inner
+                }
+                None => outer.unwrap(),
+            };
+            out.push(t);
+        }
+        out
+    };
+    let (plain, ck) = (grads(false), grads(true));
+    for (a, b) in plain.iter().zip(&ck) {
+        let e = common::rel_err(b, a, 1e-8);
+        assert!(e < 1e-5, "rel err {e}");
+    }
 }

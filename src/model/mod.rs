@@ -42,3 +42,13 @@ pub enum ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// For closures that candle calls (custom ops): candle errors pass through unchanged.
+impl From<ModelError> for candle_core::Error {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Candle(c) => c,
+            e => candle_core::Error::Msg(e.to_string()),
+        }
+    }
+}

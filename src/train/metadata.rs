@@ -125,7 +125,10 @@ pub fn lora_metadata(o: &LoraOptions, f: &RunFacts) -> BTreeMap<String, String> 
     put("ss_epoch", f.epoch.to_string());
     put("ss_steps", f.steps.to_string());
     put("ss_max_train_steps", f.total_steps.to_string());
-    put("ss_gradient_checkpointing", py_bool(false));
+    put(
+        "ss_gradient_checkpointing",
+        py_bool(o.gradient_checkpointing),
+    );
     put(
         "ss_gradient_accumulation_steps",
         o.gradient_accumulation_steps.to_string(),

@@ -449,6 +449,11 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
             ));
         }
     }
+    let checkpointing = o.gradient_checkpointing.then(|| {
+        let vars = groups.iter().flat_map(|g| g.vars.iter().cloned()).collect();
+        crate::model::nn::checkpoint::Checkpointing::new(vars)
+    });
+    cx.models.unet.checkpointing = checkpointing.clone();
     let mut opt = Optimizer::new(hyper, groups);
     if let Some(dir) = &o.resume {
         let st = state::load(dir).map_err(input)?;
@@ -614,6 +619,9 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
             cx.net
                 .set_dropout_key(Rng::stream(seed, Purpose::Dropout, pos.micro).next_u64() | 1);
             let step_result = (|| -> candle_core::Result<(f64, Vec<Vec<Tensor>>)> {
+                if let Some(ck) = &checkpointing {
+                    ck.clear()?;
+                }
                 let x0 = (Tensor::cat(&lat, 0)? * scaling)?.to_dtype(cx.models.unet.dtype())?;
                 let ctx = encode_captions(
                     &cx.models.clip,
@@ -649,9 +657,17 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
                             .iter()
                             // Detached: a gradient computed from tracked tensors carries
                             // their graph, which the optimizer's moments would keep alive.
-                            .map(|v| match grads.get(v.as_tensor()) {
-                                Some(t) => Ok(t.detach()),
-                                None => v.as_tensor().zeros_like(),
+                            .map(|v| {
+                                let outer = grads.get(v.as_tensor()).map(|t| t.detach());
+                                let inner = match &checkpointing {
+                                    Some(ck) => ck.take(v)?,
+                                    None => None,
+                                };
+                                match (outer, inner) {
+                                    (Some(a), Some(b)) => a + b,
+                                    (Some(g), None) | (None, Some(g)) => Ok(g),
+                                    (None, None) => v.as_tensor().zeros_like(),
+                                }
                             })
                             .collect::<candle_core::Result<Vec<_>>>()
                     })

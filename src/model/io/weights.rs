@@ -147,6 +147,15 @@ impl Param {
         }
     }
 
+    /// The value a forward computes with: a trainable weight is read through
+    /// [`crate::model::grad::param`], so it is untracked inside `no_grad`.
+    pub fn value(&self) -> Tensor {
+        match self {
+            Param::Frozen(t) => t.clone(),
+            Param::Trainable(v) => crate::model::grad::param(v),
+        }
+    }
+
     pub fn var(&self) -> Option<&Var> {
         match self {
             Param::Frozen(_) => None,

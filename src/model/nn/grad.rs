@@ -11,8 +11,51 @@
 //! to backprop. When `x` is not tracked (inference, or layers before the first trainable
 //! one) it is plain `f(x)`: no copy, no graph.
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor, Var};
+use std::cell::Cell;
 use std::sync::Mutex;
+
+thread_local! {
+    static NO_GRAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with trainable parameters read as plain tensors ([`param`]): nothing `f`
+/// computes is recorded for backprop (candle has no global no-grad mode; our layers read
+/// every `Var` through [`param`]). Gradient checkpointing runs its first forward this way.
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    set_tracking(false, f)
+}
+
+/// Runs `f` with parameters tracked again (inside a [`no_grad`] region too).
+pub fn with_grad<R>(f: impl FnOnce() -> R) -> R {
+    set_tracking(true, f)
+}
+
+fn set_tracking<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_GRAD.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(NO_GRAD.with(|c| c.replace(!on)));
+    f()
+}
+
+/// Whether parameters are tracked on this thread (false inside [`no_grad`]).
+pub fn tracking() -> bool {
+    !NO_GRAD.with(|c| c.get())
+}
+
+/// A trainable parameter's value for a forward: the `Var` itself, or a detached view of
+/// it inside [`no_grad`].
+pub fn param(v: &Var) -> Tensor {
+    if tracking() {
+        v.as_tensor().clone()
+    } else {
+        v.as_tensor().detach()
+    }
+}
 
 type Bwd = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 

@@ -4,7 +4,7 @@
 //! inputs silently get no gradient. Everything here is built from ops whose backward candle
 //! implements (tests in this file prove the gradients flow and match finite differences).
 
-use super::grad::{input_grad_only, scale_shift_frozen};
+use super::grad::{input_grad_only, param, scale_shift_frozen};
 use crate::model::Result;
 use crate::model::weights::{Param, Weights};
 use candle_core::{D, DType, Tensor, Var};
@@ -87,9 +87,9 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let base = |x: &Tensor| -> candle_core::Result<Tensor> {
-            let y = x.broadcast_matmul(&self.weight.tensor().t()?)?;
+            let y = x.broadcast_matmul(&self.weight.value().t()?)?;
             match &self.bias {
-                Some(b) => y.broadcast_add(b.tensor()),
+                Some(b) => y.broadcast_add(&b.value()),
                 None => Ok(y),
             }
         };
@@ -103,12 +103,12 @@ impl Linear {
         if let Some(d) = &self.delta {
             // Adapter factors are f32 Vars; they compute in the layer's dtype.
             let dt = x.dtype();
-            let h = x.broadcast_matmul(&d.down.as_tensor().to_dtype(dt)?.t()?)?;
+            let h = x.broadcast_matmul(&param(&d.down).to_dtype(dt)?.t()?)?;
             let h = match &d.dropout {
                 Some(dr) => dr.apply(&h)?,
                 None => h,
             };
-            let h = h.broadcast_matmul(&d.up.as_tensor().to_dtype(dt)?.t()?)?;
+            let h = h.broadcast_matmul(&param(&d.up).to_dtype(dt)?.t()?)?;
             y = (y + (h * d.scale)?)?;
         }
         Ok(y)
@@ -148,9 +148,9 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (pad, stride) = (self.padding, self.stride);
         let base = |x: &Tensor| -> candle_core::Result<Tensor> {
-            let y = x.conv2d(self.weight.tensor(), pad, stride, 1, 1)?;
+            let y = x.conv2d(&self.weight.value(), pad, stride, 1, 1)?;
             match &self.bias {
-                Some(b) => y.broadcast_add(&b.tensor().reshape((1, (), 1, 1))?),
+                Some(b) => y.broadcast_add(&b.value().reshape((1, (), 1, 1))?),
                 None => Ok(y),
             }
         };
@@ -166,7 +166,7 @@ impl Conv2d {
         if let Some(d) = &self.delta {
             let dt = x.dtype();
             let h = x.conv2d(
-                &d.down.as_tensor().to_dtype(dt)?,
+                &param(&d.down).to_dtype(dt)?,
                 self.padding,
                 self.stride,
                 1,
@@ -176,7 +176,7 @@ impl Conv2d {
                 Some(dr) => dr.apply(&h)?,
                 None => h,
             };
-            let h = h.conv2d(&d.up.as_tensor().to_dtype(dt)?, 0, 1, 1, 1)?;
+            let h = h.conv2d(&param(&d.up).to_dtype(dt)?, 0, 1, 1, 1)?;
             y = (y + (h * d.scale)?)?;
         }
         Ok(y)
@@ -274,7 +274,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, self.weight.tensor(), self.bias.tensor(), self.eps)
+        layer_norm(x, &self.weight.value(), &self.bias.value(), self.eps)
     }
 }
 
@@ -309,8 +309,8 @@ impl GroupNorm {
         group_norm(
             x,
             self.groups,
-            self.weight.tensor(),
-            self.bias.tensor(),
+            &self.weight.value(),
+            &self.bias.value(),
             self.eps,
         )
     }

@@ -1,9 +1,10 @@
 //! Layers with diffusers paths and adapter slots (`layers`), the named-layer walk adapters
 //! attach through (`walk`), frozen-operand ops whose backward skips weight gradients
-//! (`grad`), and the tiled / fused attention.
+//! (`grad`), gradient checkpointing (`checkpoint`), and the tiled / fused attention.
 
 pub mod attention;
 mod attention_cpu;
+pub mod checkpoint;
 pub mod grad;
 mod layers;
 

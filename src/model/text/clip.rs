@@ -262,7 +262,7 @@ impl ClipTextModel {
         let (b, l) = ids.dims2()?;
         let (vocab, width) = (self.config.vocab, self.config.width);
         let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
-        let table = self.token_embedding.tensor();
+        let table = self.token_embedding.value();
         let tok = match &self.extra_embeddings {
             None => table.index_select(&flat, 0)?,
             Some(extra) => {
@@ -274,12 +274,12 @@ impl ClipTextModel {
                 )?;
                 let mask = is_extra.unsqueeze(1)?.broadcast_as((b * l, width))?;
                 mask.where_cond(
-                    &extra.tensor().index_select(&extra_ids, 0)?,
+                    &extra.value().index_select(&extra_ids, 0)?,
                     &table.index_select(&base_ids, 0)?,
                 )?
             }
         };
-        let pos = self.position_embedding.tensor().narrow(0, 0, l)?;
+        let pos = self.position_embedding.value().narrow(0, 0, l)?;
         Ok(add_frozen(&tok.reshape((b, l, width))?, &pos)?)
     }
 

@@ -8,15 +8,46 @@ use super::super::weights::Weights;
 use super::hooks::ContextHooks;
 use super::resnet::{ResnetBlock2D, ResnetDims};
 use super::transformer::{Transformer2DModel, TransformerDims};
+use crate::model::nn::checkpoint::Checkpointing;
 use candle_core::Tensor;
+use std::sync::Arc;
 
 /// What every block's forward needs besides its input.
 pub struct BlockInput<'a> {
+    /// Recompute resnets and transformers in the backward instead of keeping their
+    /// activations (`--gradient-checkpointing`).
+    pub checkpointing: Option<&'a Arc<Checkpointing>>,
     /// `silu(time_embedding(t))` [B, temb].
     pub temb_act: &'a Tensor,
     /// `encoder_hidden_states` [B, L, ctx_dim].
     pub ctx: &'a Tensor,
     pub hooks: &'a ContextHooks,
+}
+
+impl BlockInput<'_> {
+    fn resnet(&self, r: &ResnetBlock2D, x: &Tensor) -> Result<Tensor> {
+        match self.checkpointing {
+            None => r.forward(x, self.temb_act),
+            Some(ck) => {
+                let r = r.clone();
+                Ok(ck.run2(x, self.temb_act, Arc::new(move |x, t| Ok(r.forward(x, t)?)))?)
+            }
+        }
+    }
+
+    fn attention(&self, a: &Transformer2DModel, x: &Tensor) -> Result<Tensor> {
+        match self.checkpointing {
+            None => a.forward(x, self.ctx, self.hooks),
+            Some(ck) => {
+                let (a, hooks) = (a.clone(), self.hooks.clone());
+                Ok(ck.run2(
+                    x,
+                    self.ctx,
+                    Arc::new(move |x, c| Ok(a.forward(x, c, &hooks)?)),
+                )?)
+            }
+        }
+    }
 }
 
 /// Down block: `layers` x (resnet [+ transformer]), then an optional stride-2 conv.
@@ -66,9 +97,9 @@ impl DownBlock {
     pub fn forward(&self, x: &Tensor, inp: &BlockInput, skips: &mut Vec<Tensor>) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(&x, inp.temb_act)?;
+            x = inp.resnet(resnet, &x)?;
             if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, inp.ctx, inp.hooks)?;
+                x = inp.attention(attn, &x)?;
             }
             skips.push(x.clone());
         }
@@ -103,9 +134,9 @@ impl MidBlock {
     }
 
     pub fn forward(&self, x: &Tensor, inp: &BlockInput) -> Result<Tensor> {
-        let x = self.resnets[0].forward(x, inp.temb_act)?;
-        let x = self.attentions[0].forward(&x, inp.ctx, inp.hooks)?;
-        self.resnets[1].forward(&x, inp.temb_act)
+        let x = inp.resnet(&self.resnets[0], x)?;
+        let x = inp.attention(&self.attentions[0], &x)?;
+        inp.resnet(&self.resnets[1], &x)
     }
 }
 
@@ -180,9 +211,9 @@ impl UpBlock {
                 candle_core::Error::Msg("UNet up block: no skip connection left".into())
             })?;
             x = Tensor::cat(&[&x, &skip], 1)?;
-            x = resnet.forward(&x, inp.temb_act)?;
+            x = inp.resnet(resnet, &x)?;
             if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, inp.ctx, inp.hooks)?;
+                x = inp.attention(attn, &x)?;
             }
         }
         if let Some(conv) = &self.upsampler {

@@ -42,6 +42,8 @@ pub struct UNet2DConditionModel {
     pub conv_out: Conv2d,
     /// Key / value context transforms (hypernetworks); empty by default.
     pub hooks: ContextHooks,
+    /// Set by a trainer for gradient checkpointing (see [`crate::model::nn::checkpoint`]).
+    pub checkpointing: Option<std::sync::Arc<crate::model::nn::checkpoint::Checkpointing>>,
     dtype: DType,
 }
 
@@ -121,6 +123,7 @@ impl UNet2DConditionModel {
             conv_norm_out: GroupNorm::load(w, "conv_norm_out", ch[0], groups, cfg.norm_eps)?,
             conv_out: Conv2d::load(w, "conv_out", (ch[0], cfg.out_channels, 3), 1, 1)?,
             hooks: ContextHooks::default(),
+            checkpointing: None,
             dtype: w.dtype(),
             config: cfg.clone(),
         })
@@ -185,6 +188,7 @@ impl UNet2DConditionModel {
             temb_act: &temb_act,
             ctx: &ctx,
             hooks: &self.hooks,
+            checkpointing: self.checkpointing.as_ref(),
         };
         let mut x = self.conv_in.forward(&sample.to_dtype(self.dtype)?)?;
         let mut skips = vec![x.clone()];
