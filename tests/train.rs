@@ -373,6 +373,52 @@ fn resume_case(optimizer: &[&str]) {
     assert!(r.stderr.contains("network"), "{}", r.stderr);
 }
 
+/// `--mixed-precision fp16` (frozen weights in f16, adapter in f32, as kohya): the loss
+/// falls as in f32; the file is f32 unless `--save-precision` says otherwise (kohya).
+#[test]
+fn mixed_precision_fp16_learns() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("10_ohwx");
+    std::fs::create_dir_all(&img).unwrap();
+    png(&img.join("a.png"), 64, 64, 3);
+    std::fs::write(img.join("a.txt"), "ohwx, red").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "--max-train-steps",
+        "8",
+        "--learning-rate",
+        "1e-2",
+        "--network-dim",
+        "4",
+        "--network-alpha",
+        "4",
+        "--mixed-precision",
+        "fp16",
+        "--cache-latents",
+    ];
+    let r = train(d.path(), out.path(), &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let file = out.path().join("t.safetensors");
+    let (tensors, meta) = read_lora(&file);
+    assert_eq!(meta["ss_mixed_precision"], "fp16");
+    assert!(tensors.values().all(|t| t.dtype() == DType::F32));
+    let before = held_out_loss(None, d.path());
+    let after = held_out_loss(Some(&file), d.path());
+    eprintln!("fp16 held-out loss: base {before:.4}, with LoRA {after:.4}");
+    assert!(
+        after < 0.9 * before,
+        "loss did not fall: {before} -> {after}"
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    let mut half = args.to_vec();
+    half.extend(["--max-train-steps", "1", "--save-precision", "fp16"]);
+    let r = train(d.path(), out.path(), &half);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (tensors, _) = read_lora(&out.path().join("t.safetensors"));
+    assert!(tensors.values().all(|t| t.dtype() == DType::F16));
+}
+
 /// `--gradient-checkpointing` trains the same weights (recomputed blocks give the same
 /// gradients up to float summation order) and says so in the metadata. SGD, because
 /// Adam's first steps move every element by about the learning rate whatever the size of
@@ -519,6 +565,21 @@ fn bad_input_is_a_one_line_error_before_any_work() {
                 "foo=1",
             ],
             "unknown key",
+        ),
+        (
+            vec![
+                "--model",
+                m,
+                "--data",
+                dd,
+                "--out",
+                o,
+                "--mixed-precision",
+                "bf16",
+                "--device",
+                "cpu",
+            ],
+            "needs --device cuda",
         ),
     ];
     for (args, want) in cases {

@@ -249,6 +249,11 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         Precision::F16 => DType::F16,
         Precision::Bf16 => DType::BF16,
     };
+    if dtype == DType::BF16 && a.device == DeviceArg::Cpu {
+        bail!(
+            "--precision bf16 needs --device cuda: candle has no bf16 matrix product on the CPU (use f32 or f16)"
+        );
+    }
     let started = std::time::Instant::now();
     let device = crate::train::run::device(a.device)?;
     let opts = LoadOptions {

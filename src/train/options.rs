@@ -195,9 +195,12 @@ pub struct LoraOptions {
     #[arg(long)]
     pub gradient_checkpointing: bool,
 
+    /// Frozen model weights in fp16 / bf16, the adapter in f32 (as kohya). Saves memory;
+    /// on the CPU fp16 is slower than `no` (no native f16 matrix product) and bf16 needs
+    /// `--device cuda`.
     #[arg(long, value_enum, default_value_t = MixedPrecision::No)]
     pub mixed_precision: MixedPrecision,
-    /// Precision of saved files (default: that of --mixed-precision).
+    /// Precision of saved files (default fp32, the adapter's own precision, as kohya).
     #[arg(long, value_enum)]
     pub save_precision: Option<SavePrecision>,
     #[arg(long)]
@@ -307,6 +310,12 @@ impl LoraOptions {
         }
         if self.lr_warmup_steps < 0.0 {
             return Err("--lr-warmup-steps must not be negative".into());
+        }
+        if self.mixed_precision == MixedPrecision::Bf16 && self.device == DeviceArg::Cpu {
+            return Err(
+                "--mixed-precision bf16 needs --device cuda: candle has no bf16 matrix product on the CPU (use no, or fp16)"
+                    .into(),
+            );
         }
         if self.output_name.is_empty() || self.output_name.contains(['/', '\\']) {
             return Err(format!(

@@ -120,7 +120,8 @@ fn save_dtype(o: &LoraOptions) -> DType {
         Some(SavePrecision::Fp32) => DType::F32,
         Some(SavePrecision::Fp16) => DType::F16,
         Some(SavePrecision::Bf16) => DType::BF16,
-        None => dtype(o.mixed_precision),
+        // kohya without --save_precision: the network's own dtype, f32.
+        None => DType::F32,
     }
 }
 
