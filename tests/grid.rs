@@ -374,3 +374,57 @@ fn dry_run_lists_cells_and_estimates_without_writing() {
     assert!(v["estimate"]["seconds"].as_f64().unwrap() > 0.0);
     assert!(!out.exists());
 }
+
+/// A model axis loads each checkpoint once (cells grouped by model), and its cells are
+/// the checkpoints' own images.
+#[test]
+fn model_axis_loads_each_checkpoint_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("g");
+    let ck = common::checkpoints();
+    let x = format!(
+        "model={},{}",
+        s(&ck.join("sd1_diffusers")),
+        s(&ck.join("sd2_diffusers"))
+    );
+    let o = sdkit(&[
+        "grid",
+        "--model",
+        &s(&model()),
+        "--prompt",
+        "a cat",
+        "--x",
+        &x,
+        "--y",
+        "seed=1,2",
+        "--steps",
+        "1",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--json",
+        "--out",
+        &s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rep["work"]["model_loads"], 2);
+    let ix = index(&out);
+    let name = |x, y| {
+        let f = out.join(cell(&ix, x, y)["file"].as_str().unwrap());
+        let t = sdkit::formats::png_params::read_parameters(&f)
+            .unwrap()
+            .unwrap();
+        sdkit::formats::png_params::parse(&t)
+            .get("Model")
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        (name(0, 1), name(1, 1)),
+        ("sd1_diffusers".into(), "sd2_diffusers".into())
+    );
+    let px = |x, y| rgb(&out.join(cell(&ix, x, y)["file"].as_str().unwrap())).into_raw();
+    assert_ne!(px(0, 0), px(1, 0));
+}
