@@ -3,3 +3,4 @@
 //! f32 Vars.
 
 pub mod lora;
+pub mod swap;

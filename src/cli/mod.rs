@@ -6,6 +6,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 pub mod caption;
 pub mod check;
 pub mod config;
+pub mod grid;
 pub mod prep;
 pub mod review;
 pub mod sample;
@@ -52,6 +53,8 @@ into ./.venv or the active virtualenv."
         after_help = "Example:\n  sdkit train lora --model model.safetensors --data train/ --out lora/ --output-name ron --network-dim 32 --network-alpha 16 --learning-rate 1e-4 --max-train-epochs 10"
     )]
     Train(train::TrainArgs),
+    /// X/Y/Z plot: adapter files x weights x settings, labelled grid images, cell PNGs, index.
+    Grid(grid::GridArgs),
 }
 
 /// Parses argv, expanding `--config` recipes first.
@@ -79,5 +82,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Sample(a) => sample::run(a),
         Command::Check(o) => check::run(o),
         Command::Train(a) => train::run(a),
+        Command::Grid(a) => grid::run(a),
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::formats::png_params::{self, GenParams};
 use crate::model::arch::Prediction;
-use crate::model::loader::{self, Format, LoadOptions};
+use crate::model::loader::{self, LoadOptions};
 use crate::model::pipeline::{self, Models, Request, SeededNoise};
 use crate::model::samplers::SamplerKind;
 use crate::train::options::DeviceArg;
@@ -225,7 +225,7 @@ fn next_index(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
-fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -262,11 +262,11 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         prediction: a.prediction,
     };
     let ck = loader::open(&model, &opts)?;
-    let format = ck.info.format;
     let mut models = Models::new(ck)?;
     let (loras, lora_hashes) = apply_loras(&mut models, &a.lora)?;
     let shape = models.latent_shape(a.width, a.height)?;
-    let (hash, name) = model_hash_and_name(&model, format)?;
+    let (hash, name) = png_params::model_hash_and_name(&model)
+        .with_context(|| format!("{}: cannot hash", model.display()))?;
     crate::util::atomic::create_dir_all(&a.out)
         .with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
     let first_seed = a.seed.unwrap_or_else(random_seed);
@@ -346,21 +346,4 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
-}
-
-/// webui's "Model hash" (short SHA-256 of the file; none for a folder) and "Model" (the
-/// file or folder name without extension).
-fn model_hash_and_name(path: &Path, format: Format) -> anyhow::Result<(Option<String>, String)> {
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let hash = match format {
-        Format::Diffusers => None,
-        _ => Some(
-            png_params::short_hash(path)
-                .with_context(|| format!("{}: cannot hash", path.display()))?,
-        ),
-    };
-    Ok((hash, name))
 }

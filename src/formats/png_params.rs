@@ -180,6 +180,17 @@ pub fn short_hash(path: &Path) -> io::Result<String> {
 
 /// Write an 8-bit RGB image with a `parameters` text chunk, atomically.
 pub fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32, text: &str) -> io::Result<()> {
+    write_png_with(path, rgb, width, height, &[(KEY, text)])
+}
+
+/// Write an 8-bit RGB image with text chunks (`(keyword, text)`, in order), atomically.
+pub fn write_png_with(
+    path: &Path,
+    rgb: &[u8],
+    width: u32,
+    height: u32,
+    texts: &[(&str, &str)],
+) -> io::Result<()> {
     if rgb.len() != width as usize * height as usize * 3 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -190,13 +201,15 @@ pub fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32, text: &str) -
         let mut enc = png::Encoder::new(w, width, height);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let latin1 = text.chars().all(|c| (c as u32) < 256);
-        let r = if latin1 {
-            enc.add_text_chunk(KEY.into(), text.into())
-        } else {
-            enc.add_itxt_chunk(KEY.into(), text.into())
-        };
-        r.map_err(io::Error::other)?;
+        for (key, text) in texts {
+            let latin1 = text.chars().all(|c| (c as u32) < 256);
+            let r = if latin1 {
+                enc.add_text_chunk(key.to_string(), text.to_string())
+            } else {
+                enc.add_itxt_chunk(key.to_string(), text.to_string())
+            };
+            r.map_err(io::Error::other)?;
+        }
         let mut wr = enc.write_header().map_err(io::Error::other)?;
         wr.write_image_data(rgb).map_err(io::Error::other)?;
         wr.finish().map_err(io::Error::other)
@@ -205,6 +218,11 @@ pub fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32, text: &str) -
 
 /// The `parameters` text of a PNG, if it has one (tEXt, zTXt or iTXt).
 pub fn read_parameters(path: &Path) -> io::Result<Option<String>> {
+    read_text(path, KEY)
+}
+
+/// The text chunk `key` of a PNG, if it has one (tEXt, zTXt or iTXt).
+pub fn read_text(path: &Path, key: &str) -> io::Result<Option<String>> {
     let file = io::BufReader::new(std::fs::File::open(path)?);
     let dec = png::Decoder::new(file);
     let reader = dec.read_info().map_err(io::Error::other)?;
@@ -212,21 +230,36 @@ pub fn read_parameters(path: &Path) -> io::Result<Option<String>> {
     if let Some(t) = info
         .uncompressed_latin1_text
         .iter()
-        .find(|t| t.keyword == KEY)
+        .find(|t| t.keyword == key)
     {
         return Ok(Some(t.text.clone()));
     }
     if let Some(t) = info
         .compressed_latin1_text
         .iter()
-        .find(|t| t.keyword == KEY)
+        .find(|t| t.keyword == key)
     {
         return t.get_text().map(Some).map_err(io::Error::other);
     }
-    if let Some(t) = info.utf8_text.iter().find(|t| t.keyword == KEY) {
+    if let Some(t) = info.utf8_text.iter().find(|t| t.keyword == key) {
         return t.get_text().map(Some).map_err(io::Error::other);
     }
     Ok(None)
+}
+
+/// webui's "Model hash" (short SHA-256 of a checkpoint file; none for a diffusers folder)
+/// and "Model" (the file or folder name without extension).
+pub fn model_hash_and_name(path: &Path) -> io::Result<(Option<String>, String)> {
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let hash = if path.is_dir() {
+        None
+    } else {
+        Some(short_hash(path)?)
+    };
+    Ok((hash, name))
 }
 
 #[cfg(test)]

@@ -216,6 +216,14 @@ pub fn generate(
     ancestral: &mut dyn NoiseSource,
     on_step: &mut dyn FnMut(),
 ) -> Result<Tensor> {
+    let ctx = guidance_context(m, req)?;
+    generate_with_context(m, req, &ctx, noise, ancestral, on_step)
+}
+
+/// The UNet's cross-attention input for classifier-free guidance: the negative and the
+/// positive prompt's conditioning stacked [2, 77 * chunks, width]. It depends only on the
+/// text encoder, the two prompts and `clip_skip`, so callers may reuse it.
+pub fn guidance_context(m: &Models, req: &Request) -> Result<Tensor> {
     let arch = m.info.arch;
     let cond = encode_prompt(&m.clip, arch, &req.prompt, req.clip_skip)?.hidden;
     let uncond = encode_prompt(&m.clip, arch, &req.negative, req.clip_skip)?.hidden;
@@ -225,7 +233,19 @@ pub fn generate(
     } else {
         (uncond, cond)
     };
-    let ctx = Tensor::cat(&[&uncond, &cond], 0)?;
+    Ok(Tensor::cat(&[&uncond, &cond], 0)?)
+}
+
+/// [`generate`] with a [`guidance_context`] computed before (`req`'s prompts and clip skip
+/// are not read again).
+pub fn generate_with_context(
+    m: &Models,
+    req: &Request,
+    ctx: &Tensor,
+    noise: &Tensor,
+    ancestral: &mut dyn NoiseSource,
+    on_step: &mut dyn FnMut(),
+) -> Result<Tensor> {
     let sampler = Sampler::new(
         req.sampler,
         req.steps,
@@ -238,7 +258,7 @@ pub fn generate(
     let denoise = guided(
         |x: &Tensor, t: f64| {
             let ts = Tensor::new(&[t as f32], &device)?;
-            let out = unet.forward(&x.to_dtype(dtype)?, &ts, &ctx)?;
+            let out = unet.forward(&x.to_dtype(dtype)?, &ts, ctx)?;
             on_step();
             // Inference: no graph kept across steps (adapter Vars would track one).
             Ok(out.to_dtype(DType::F32)?.detach())
