@@ -10,6 +10,7 @@ pub mod data;
 pub mod latents;
 pub mod lr;
 pub mod metadata;
+pub mod method;
 pub mod objective;
 pub mod optim;
 pub mod options;

@@ -1,4 +1,4 @@
-//! Options of `sdkit train lora` with kohya sd-scripts' names and defaults (flags and
+//! Options of `sdkit train <method>` with kohya sd-scripts' names and defaults (flags and
 //! recipe keys are the same: `--network-dim` / `network-dim:` / `network_dim:`).
 
 use super::lr::LrScheduler;
@@ -45,15 +45,10 @@ pub enum SampleSampler {
     DpmPp2mKarras,
 }
 
+/// Options every training method shares (kohya's names and defaults). Each method's
+/// options flatten these, so `--data` means the same in `train lora` and the others.
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
-#[command(after_help = "Examples:\n  \
-    sdkit train lora --model v1-5-pruned-emaonly.safetensors --data train/ --out lora/ \\\n    \
-    --output-name ron --network-dim 32 --network-alpha 16 --learning-rate 1e-4 --max-train-epochs 10\n  \
-    sdkit train lora --config recipes/lora-character.yaml --data train/ --out lora/ --dry-run\n\n\
-DATA is a kohya train_data_dir (<repeats>_<name> folders) or the folder `sdkit prep` wrote\n\
-(its img/ and reg/ are both used). Files: OUT/NAME.safetensors, OUT/NAME-000004.safetensors\n\
-per saved epoch, OUT/NAME-state/ with --save-state.")]
-pub struct LoraOptions {
+pub struct TrainOptions {
     /// Checkpoint: diffusers folder, single-file .safetensors or .ckpt (SD 1.x / 2.x).
     #[arg(long, value_name = "CKPT", alias = "pretrained-model-name-or-path")]
     pub model: PathBuf,
@@ -66,7 +61,7 @@ pub struct LoraOptions {
     /// Output folder.
     #[arg(long, value_name = "DIR", alias = "output-dir")]
     pub out: PathBuf,
-    /// File name of the LoRA without extension.
+    /// File name of the output without extension.
     #[arg(long, default_value = "last")]
     pub output_name: String,
     /// Training resolution: `512` or `WIDTH,HEIGHT`; its area sets the buckets.
@@ -96,34 +91,9 @@ pub struct LoraOptions {
     #[arg(long)]
     pub seed: Option<u64>,
 
-    /// LoRA rank of linear and 1x1 conv layers.
-    #[arg(long, default_value_t = 4)]
-    pub network_dim: usize,
-    /// Scale = alpha / dim.
-    #[arg(long, default_value_t = 1.0)]
-    pub network_alpha: f64,
-    /// LoCon: rank of the 3x3 convs in resnets and resamplers (off when not given).
-    #[arg(long)]
-    pub conv_dim: Option<usize>,
-    #[arg(long, default_value_t = 1.0)]
-    pub conv_alpha: f64,
-    /// Dropout on the LoRA's down output while training (kohya's network_dropout).
-    #[arg(long)]
-    pub network_dropout: Option<f64>,
-    #[arg(long)]
-    pub network_train_unet_only: bool,
-    #[arg(long)]
-    pub network_train_text_encoder_only: bool,
-
     /// Base learning rate (kohya's default 2e-6; LoRA is usually trained at 1e-4).
     #[arg(long, default_value_t = 2e-6)]
     pub learning_rate: f64,
-    /// Learning rate of the UNet modules (default: --learning-rate).
-    #[arg(long)]
-    pub unet_lr: Option<f64>,
-    /// Learning rate of the text-encoder modules (default: --learning-rate).
-    #[arg(long)]
-    pub text_encoder_lr: Option<f64>,
     #[arg(long, value_enum, default_value_t = OptimizerKind::AdamW, alias = "optimizer-type")]
     pub optimizer: OptimizerKind,
     /// `key=value` optimizer arguments: betas=0.9,0.99 weight_decay=0.01 eps=1e-8 momentum=0.9.
@@ -245,7 +215,7 @@ pub struct LoraOptions {
     pub quiet: bool,
 }
 
-impl LoraOptions {
+impl TrainOptions {
     /// The training resolution as (width, height).
     pub fn resolution(&self) -> Result<(u32, u32), String> {
         let parse = |s: &str| {
@@ -272,25 +242,11 @@ impl LoraOptions {
     /// Contradictions and out-of-range values, as one-line errors naming the option.
     pub fn validate(&self) -> Result<(), String> {
         self.resolution()?;
-        if self.network_train_unet_only && self.network_train_text_encoder_only {
-            return Err(
-                "--network-train-unet-only and --network-train-text-encoder-only exclude each other"
-                    .into(),
-            );
-        }
         if self.batch_size == 0 {
             return Err("--batch-size must be at least 1".into());
         }
         if self.gradient_accumulation_steps == 0 {
             return Err("--gradient-accumulation-steps must be at least 1".into());
-        }
-        if self.network_dim == 0 {
-            return Err("--network-dim must be at least 1".into());
-        }
-        if let Some(p) = self.network_dropout
-            && !(0.0..1.0).contains(&p)
-        {
-            return Err(format!("--network-dropout {p}: a probability in [0, 1)"));
         }
         for (name, v) in [
             ("--caption-dropout-rate", self.caption_dropout_rate),
@@ -328,5 +284,73 @@ impl LoraOptions {
 
     pub fn prediction_override(&self) -> Option<Prediction> {
         self.v_parameterization.then_some(Prediction::VPrediction)
+    }
+}
+
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[command(after_help = "Examples:\n  \
+    sdkit train lora --model v1-5-pruned-emaonly.safetensors --data train/ --out lora/ \\\n    \
+    --output-name ron --network-dim 32 --network-alpha 16 --learning-rate 1e-4 --max-train-epochs 10\n  \
+    sdkit train lora --config recipes/lora-character.yaml --data train/ --out lora/ --dry-run\n\n\
+DATA is a kohya train_data_dir (<repeats>_<name> folders) or the folder `sdkit prep` wrote\n\
+(its img/ and reg/ are both used). Files: OUT/NAME.safetensors, OUT/NAME-000004.safetensors\n\
+per saved epoch, OUT/NAME-state/ with --save-state.")]
+pub struct LoraOptions {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub train: TrainOptions,
+
+    /// LoRA rank of linear and 1x1 conv layers.
+    #[arg(long, default_value_t = 4)]
+    pub network_dim: usize,
+    /// Scale = alpha / dim.
+    #[arg(long, default_value_t = 1.0)]
+    pub network_alpha: f64,
+    /// LoCon: rank of the 3x3 convs in resnets and resamplers (off when not given).
+    #[arg(long)]
+    pub conv_dim: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    pub conv_alpha: f64,
+    /// Dropout on the LoRA's down output while training (kohya's network_dropout).
+    #[arg(long)]
+    pub network_dropout: Option<f64>,
+    #[arg(long)]
+    pub network_train_unet_only: bool,
+    #[arg(long)]
+    pub network_train_text_encoder_only: bool,
+
+    /// Learning rate of the UNet modules (default: --learning-rate).
+    #[arg(long)]
+    pub unet_lr: Option<f64>,
+    /// Learning rate of the text-encoder modules (default: --learning-rate).
+    #[arg(long)]
+    pub text_encoder_lr: Option<f64>,
+}
+
+impl std::ops::Deref for LoraOptions {
+    type Target = TrainOptions;
+    fn deref(&self) -> &TrainOptions {
+        &self.train
+    }
+}
+
+impl LoraOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        self.train.validate()?;
+        if self.network_train_unet_only && self.network_train_text_encoder_only {
+            return Err(
+                "--network-train-unet-only and --network-train-text-encoder-only exclude each other"
+                    .into(),
+            );
+        }
+        if self.network_dim == 0 {
+            return Err("--network-dim must be at least 1".into());
+        }
+        if let Some(p) = self.network_dropout
+            && !(0.0..1.0).contains(&p)
+        {
+            return Err(format!("--network-dropout {p}: a probability in [0, 1)"));
+        }
+        Ok(())
     }
 }

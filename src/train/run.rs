@@ -6,14 +6,17 @@
 use super::data::{self, CaptionOptions, DataOptions, Dataset};
 use super::latents::{LatentCache, vae_fingerprint};
 use super::lr::{Schedule, warmup_steps};
-use super::metadata::{RunFacts, lora_metadata};
+use super::metadata::RunFacts;
+use super::method::{LoraMethod, Method};
 use super::objective::Objective;
 use super::optim::{Group, Hyper, Optimizer, clip_grad_norm};
-use super::options::{DeviceArg, LoraOptions, MixedPrecision, SampleSampler, SavePrecision};
+use super::options::{
+    DeviceArg, LoraOptions, MixedPrecision, SampleSampler, SavePrecision, TrainOptions,
+};
 use super::rng::{Purpose, Rng};
 use super::samples::{self, SamplePrompt};
 use super::state::{self, StateInfo};
-use crate::adapters::lora::{LoraNetwork, LoraShape, Part};
+use crate::adapters::lora::{LoraNetwork, LoraShape};
 use crate::dataset::bucket::BucketSpec;
 use crate::formats::tensorboard::EventWriter;
 use crate::model::clip::ClipTextModel;
@@ -115,7 +118,7 @@ fn dtype(m: MixedPrecision) -> DType {
     }
 }
 
-fn save_dtype(o: &LoraOptions) -> DType {
+fn save_dtype(o: &TrainOptions) -> DType {
     match o.save_precision {
         Some(SavePrecision::Fp32) => DType::F32,
         Some(SavePrecision::Fp16) => DType::F16,
@@ -174,7 +177,8 @@ pub fn encode_captions(
 /// Rough peak memory of a step: weights, adapter (weights, gradients, two moments),
 /// and activations (measured: ~3.2 GB per 64x64 latent image for the SD1.5 UNet's
 /// forward + backward in f32, scaled by latent area, batch and element size).
-fn memory_estimate(models: &Models, params: usize, ds: &Dataset, batch: usize, dt: DType) -> f64 {
+fn memory_estimate(models: &Models, params: usize, ds: &Dataset, o: &TrainOptions) -> f64 {
+    let (batch, dt) = (o.batch_size, dtype(o.mixed_precision));
     let w = models.info.unet.block_out_channels.iter().sum::<usize>() as f64 / 2880.0;
     let weights_gb = 4.3 * w * dt.size_in_bytes() as f64 / 4.0;
     let adapter_gb = params as f64 * 4.0 * 4.0 / 1e9;
@@ -189,14 +193,14 @@ fn memory_estimate(models: &Models, params: usize, ds: &Dataset, batch: usize, d
 
 /// Periodic save files of a run (`NAME-000004.safetensors`, `NAME-step00000100...`),
 /// oldest first, each with its number.
-fn periodic_saves(out: &Path, name: &str, step_files: bool) -> Vec<(u64, PathBuf)> {
+fn periodic_saves(out: &Path, name: &str, ext: &str, step_files: bool) -> Vec<(u64, PathBuf)> {
     let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(out)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .filter_map(|e| {
                     let f = e.file_name().into_string().ok()?;
                     let rest = f.strip_prefix(name)?.strip_prefix('-')?;
-                    let num = rest.strip_suffix(".safetensors")?;
+                    let num = rest.strip_suffix(ext)?;
                     let num = if step_files {
                         num.strip_prefix("step")?
                     } else {
@@ -216,9 +220,9 @@ fn periodic_saves(out: &Path, name: &str, step_files: bool) -> Vec<(u64, PathBuf
 }
 
 struct Ctx<'a> {
-    o: &'a LoraOptions,
+    o: &'a TrainOptions,
     models: Models,
-    net: LoraNetwork,
+    method: Box<dyn Method + 'a>,
     ds: Dataset,
     plan: Plan,
     started: u64,
@@ -249,22 +253,17 @@ impl Ctx<'_> {
         self.o.clip_skip.unwrap_or(1)
     }
 
-    fn save_lora(&self, path: &Path, epoch: u64, steps: u64) -> Result<(), TrainError> {
-        let tensors = self.net.tensors(save_dtype(self.o)).map_err(run_err)?;
-        let meta = lora_metadata(self.o, &self.facts(epoch, steps));
-        crate::formats::kohya_lora::save(path, &tensors, &meta).map_err(run_err)
+    fn save_output(&self, path: &Path, epoch: u64, steps: u64) -> Result<(), TrainError> {
+        let facts = self.facts(epoch, steps);
+        self.method
+            .save(path, &facts, save_dtype(self.o))
+            .map_err(run_err)
     }
 
-    fn network_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "dim": self.o.network_dim,
-            "alpha": self.o.network_alpha,
-            "conv_dim": self.o.conv_dim,
-            "conv_alpha": self.o.conv_alpha,
-            "dropout": self.o.network_dropout,
-            "unet": !self.o.network_train_text_encoder_only,
-            "text_encoder": !self.o.network_train_unet_only,
-        })
+    fn file(&self, stem: &str) -> PathBuf {
+        self.o
+            .out
+            .join(format!("{stem}{}", self.method.extension()))
     }
 
     fn model_name(&self) -> String {
@@ -276,8 +275,12 @@ impl Ctx<'_> {
     }
 }
 
+/// Attaches a method's trainable part to the loaded model (seeded init stream given).
+type Attach<'a> =
+    dyn FnOnce(&mut Models, &mut Rng, &Device) -> Result<Box<dyn Method + 'a>, TrainError> + 'a;
+
 /// Everything a run needs before the first step; `--dry-run` stops after it.
-fn prepare(o: &LoraOptions) -> Result<Ctx<'_>, TrainError> {
+fn prepare<'a>(o: &'a TrainOptions, attach: Box<Attach<'a>>) -> Result<Ctx<'a>, TrainError> {
     o.validate().map_err(input)?;
     let (rw, rh) = o.resolution().map_err(input)?;
     if !o.data.is_dir() {
@@ -333,17 +336,8 @@ fn prepare(o: &LoraOptions) -> Result<Ctx<'_>, TrainError> {
     };
     let ck = loader::open(&o.model, &lopts).map_err(input)?;
     let mut models = Models::new(ck).map_err(input)?;
-    let shape = LoraShape {
-        dim: o.network_dim,
-        alpha: o.network_alpha,
-        conv_dim: o.conv_dim,
-        conv_alpha: o.conv_alpha,
-        dropout: o.network_dropout.unwrap_or(0.0),
-    };
     let mut init = Rng::stream(seed, Purpose::Init, 0);
-    let unet = (!o.network_train_text_encoder_only).then_some(&mut models.unet);
-    let te = (!o.network_train_unet_only).then_some(&mut models.clip);
-    let net = LoraNetwork::create(unet, te, &shape, &mut init, &dev).map_err(run_err)?;
+    let method = attach(&mut models, &mut init, &dev)?;
     let batches = ds.batches_per_epoch(o.batch_size);
     let steps_per_epoch = batches.div_ceil(o.gradient_accumulation_steps);
     let total_steps = match o.max_train_epochs {
@@ -351,8 +345,7 @@ fn prepare(o: &LoraOptions) -> Result<Ctx<'_>, TrainError> {
         None => o.max_train_steps,
     };
     let epochs = total_steps.div_ceil(steps_per_epoch.max(1));
-    let params = net.num_params();
-    let count = |p: Part| net.modules.iter().filter(|m| m.part == p).count();
+    let size = method.size();
     let plan = Plan {
         model: o.model.clone(),
         arch: models.info.arch.name().into(),
@@ -367,16 +360,16 @@ fn prepare(o: &LoraOptions) -> Result<Ctx<'_>, TrainError> {
         epochs,
         total_steps,
         warmup_steps: warmup_steps(o.lr_warmup_steps, total_steps),
-        unet_modules: count(Part::Unet),
-        text_encoder_modules: count(Part::TextEncoder),
-        trainable_parameters: params,
-        memory_estimate_gb: memory_estimate(&models, params, &ds, o.batch_size, lopts.dtype),
+        unet_modules: size.unet_modules,
+        text_encoder_modules: size.text_encoder_modules,
+        trainable_parameters: size.parameters,
+        memory_estimate_gb: memory_estimate(&models, size.parameters, &ds, o),
         seed,
     };
     Ok(Ctx {
         o,
         models,
-        net,
+        method,
         ds,
         plan,
         started: now_secs(),
@@ -393,15 +386,44 @@ pub trait Progress {
     fn finish(&mut self);
 }
 
+/// LoRA / LoCon attached as kohya's `networks.lora` does.
+fn lora(o: &LoraOptions) -> Result<Box<Attach<'_>>, TrainError> {
+    o.validate().map_err(input)?;
+    Ok(Box::new(
+        move |models: &mut Models, init: &mut Rng, dev: &Device| {
+            let shape = LoraShape {
+                dim: o.network_dim,
+                alpha: o.network_alpha,
+                conv_dim: o.conv_dim,
+                conv_alpha: o.conv_alpha,
+                dropout: o.network_dropout.unwrap_or(0.0),
+            };
+            let unet = (!o.network_train_text_encoder_only).then_some(&mut models.unet);
+            let te = (!o.network_train_unet_only).then_some(&mut models.clip);
+            let net = LoraNetwork::create(unet, te, &shape, init, dev).map_err(run_err)?;
+            Ok(Box::new(LoraMethod { o, net }) as Box<dyn Method>)
+        },
+    ))
+}
+
 /// Plan only (`--dry-run`).
 pub fn plan(o: &LoraOptions) -> Result<Plan, TrainError> {
-    Ok(prepare(o)?.plan)
+    Ok(prepare(o, lora(o)?)?.plan)
 }
 
 /// Train a LoRA; returns the report.
 pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, TrainError> {
+    train(o, lora(o)?, ui)
+}
+
+/// The training loop shared by every method.
+fn train<'a>(
+    o: &'a TrainOptions,
+    attach: Box<Attach<'a>>,
+    ui: &mut dyn Progress,
+) -> Result<Report, TrainError> {
     let t0 = std::time::Instant::now();
-    let mut cx = prepare(o)?;
+    let mut cx = prepare(o, attach)?;
     let dev = cx.models.unet.conv_in.weight.tensor().device().clone();
     crate::util::atomic::create_dir_all(&o.out)
         .map_err(|e| input(format!("{}: {e}", o.out.display())))?;
@@ -409,7 +431,7 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
     // Resume.
     let mut pos = StateInfo {
         format: state::FORMAT,
-        method: "lora".into(),
+        method: cx.method.kind().into(),
         step: 0,
         epoch: 0,
         batch_in_epoch: 0,
@@ -417,7 +439,7 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
         seed: cx.plan.seed,
         model: cx.model_name(),
         arch: cx.models.info.arch.name().into(),
-        network: cx.network_json(),
+        network: cx.method.identity(),
         optimizer: format!("{:?}", o.optimizer),
         epoch_loss_sum: 0.0,
         epoch_loss_count: 0,
@@ -429,18 +451,12 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
         .map_err(input)?;
     let mut groups = Vec::new();
     let mut base_lrs = Vec::new();
-    for (part, name, lr) in [
-        (Part::TextEncoder, "text_encoder", o.text_encoder_lr),
-        (Part::Unet, "unet", o.unet_lr),
-    ] {
-        let vars = cx.net.vars(part);
-        if !vars.is_empty() {
-            groups.push(Group {
-                name: name.into(),
-                vars,
-            });
-            base_lrs.push(lr.unwrap_or(o.learning_rate));
-        }
+    for g in cx.method.groups() {
+        groups.push(Group {
+            name: g.name,
+            vars: g.vars,
+        });
+        base_lrs.push(g.lr);
     }
     if o.optimizer == super::optim::OptimizerKind::Prodigy {
         let rates: Vec<f64> = base_lrs.iter().copied().filter(|&r| r > 0.0).collect();
@@ -465,8 +481,8 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
                 dir.display()
             ))
         };
-        if i.method != "lora" {
-            return Err(bad("method", &i.method, "lora"));
+        if i.method != pos.method {
+            return Err(bad("method", &i.method, &pos.method));
         }
         if i.model != pos.model || i.arch != pos.arch {
             return Err(bad("model", &i.model, &pos.model));
@@ -488,8 +504,8 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
                 i.seed
             )));
         }
-        cx.net
-            .load_tensors(&st.adapter)
+        cx.method
+            .load_state(&st.adapter)
             .map_err(|e| input(format!("{}: {e}", dir.display())))?;
         opt.load_state(&st.optimizer, i.step)
             .map_err(|e| input(format!("{}: {e}", dir.display())))?;
@@ -610,14 +626,15 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
                         .map_err(run_err)?,
                 );
                 let mut r = Rng::stream(seed, Purpose::Caption, sample_id);
-                caps.push(data::process_caption(&item.caption, &copts, &mut r));
+                let caption = data::process_caption(&item.caption, &copts, &mut r);
+                caps.push(cx.method.prompt(caption, &mut r));
                 weights.push(if item.is_reg {
                     o.prior_loss_weight as f32
                 } else {
                     1.0
                 });
             }
-            cx.net
+            cx.method
                 .set_dropout_key(Rng::stream(seed, Purpose::Dropout, pos.micro).next_u64() | 1);
             let step_result = (|| -> candle_core::Result<(f64, Vec<Vec<Tensor>>)> {
                 if let Some(ck) = &checkpointing {
@@ -675,7 +692,7 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Ok((lv, g))
             })();
-            cx.net.set_dropout_key(0);
+            cx.method.set_dropout_key(0);
             let (lv, g) = step_result.map_err(run_err)?;
             if !lv.is_finite() {
                 let last = saved
@@ -717,16 +734,19 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
             let avg = pos.epoch_loss_sum / pos.epoch_loss_count.max(1) as f64;
             ui.step(pos.step, lv, *lrs.last().unwrap_or(&0.0));
             if let Some(w) = &mut log {
-                let mut vals: Vec<(&str, f32)> =
-                    vec![("loss/current", lv as f32), ("loss/average", avg as f32)];
+                let mut vals: Vec<(String, f32)> = vec![
+                    ("loss/current".into(), lv as f32),
+                    ("loss/average".into(), avg as f32),
+                ];
                 for (g, lr) in opt.groups.iter().zip(&lrs) {
-                    let tag = if g.name == "unet" {
-                        "lr/unet"
-                    } else {
-                        "lr/textencoder"
+                    let tag = match g.name.as_str() {
+                        "unet" => "lr/unet".to_string(),
+                        "text_encoder" => "lr/textencoder".to_string(),
+                        other => format!("lr/{other}"),
                     };
                     vals.push((tag, *lr as f32));
                 }
+                let vals: Vec<(&str, f32)> = vals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
                 w.scalars(pos.step, &vals).map_err(run_err)?;
             }
             let last_step = pos.step >= total;
@@ -735,13 +755,11 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
                 && pos.step % n == 0
                 && !last_step
             {
-                let p = o
-                    .out
-                    .join(format!("{}-step{:08}.safetensors", o.output_name, pos.step));
+                let p = cx.file(&format!("{}-step{:08}", o.output_name, pos.step));
                 save_point(&cx, &opt, &pos, &p)?;
                 ui.message(&format!("saved {}", p.display()));
                 saved.push(p);
-                prune(o, true)?;
+                prune(o, cx.method.extension(), true)?;
             }
             if let Some(n) = o.sample_every_n_steps
                 && n > 0
@@ -777,13 +795,11 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
             && epoch_no % n == 0
             && !finished
         {
-            let p = o
-                .out
-                .join(format!("{}-{:06}.safetensors", o.output_name, epoch_no));
+            let p = cx.file(&format!("{}-{:06}", o.output_name, epoch_no));
             save_point(&cx, &opt, &pos, &p)?;
             ui.message(&format!("saved {}", p.display()));
             saved.push(p);
-            prune(o, false)?;
+            prune(o, cx.method.extension(), false)?;
         }
         if let Some(n) = o.sample_every_n_epochs
             && n > 0
@@ -801,7 +817,7 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
         let suffix = format!("{:06}", pos.step);
         sample_files.extend(render(&cx, o, &prompts, &suffix, seed)?);
     }
-    let final_path = o.out.join(format!("{}.safetensors", o.output_name));
+    let final_path = cx.file(&o.output_name);
     save_point(&cx, &opt, &pos, &final_path)?;
     saved.push(final_path.clone());
     ui.finish();
@@ -831,14 +847,14 @@ pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, Trai
 fn save_point(cx: &Ctx, opt: &Optimizer, pos: &StateInfo, path: &Path) -> Result<(), TrainError> {
     let o = cx.o;
     // A save inside an epoch reports the epochs finished so far, as kohya does.
-    cx.save_lora(path, pos.epoch, pos.step)?;
+    cx.save_output(path, pos.epoch, pos.step)?;
     if o.save_state {
         let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let dir = o.out.join(format!("{stem}-state"));
-        let adapter = cx.net.tensors(DType::F32).map_err(run_err)?;
+        let adapter = cx.method.state_tensors().map_err(run_err)?;
         let moments = opt.state_tensors().map_err(run_err)?;
         state::save(&dir, pos, &adapter, &moments).map_err(run_err)?;
     }
@@ -847,11 +863,11 @@ fn save_point(cx: &Ctx, opt: &Optimizer, pos: &StateInfo, path: &Path) -> Result
 
 /// `--save-last-n`: remove periodic saves (and their states) beyond the newest N, after the
 /// new one is complete.
-fn prune(o: &LoraOptions, step_files: bool) -> Result<(), TrainError> {
+fn prune(o: &TrainOptions, ext: &str, step_files: bool) -> Result<(), TrainError> {
     let Some(keep) = o.save_last_n else {
         return Ok(());
     };
-    let all = periodic_saves(&o.out, &o.output_name, step_files);
+    let all = periodic_saves(&o.out, &o.output_name, ext, step_files);
     if all.len() <= keep {
         return Ok(());
     }
@@ -869,7 +885,7 @@ fn prune(o: &LoraOptions, step_files: bool) -> Result<(), TrainError> {
 
 fn render(
     cx: &Ctx,
-    o: &LoraOptions,
+    o: &TrainOptions,
     prompts: &[SamplePrompt],
     suffix: &str,
     seed: u64,

@@ -1,0 +1,122 @@
+//! What a training method adds to the one training loop (`run`): its trainable variables
+//! (attached to the model), their learning rates, how captions become prompts, the
+//! identity a resume state must match, and the file it writes. LoRA is [`LoraMethod`];
+//! DreamBooth, Textual Inversion and hypernetworks implement the same trait.
+
+use super::metadata::{RunFacts, lora_metadata};
+use super::options::LoraOptions;
+use super::rng::Rng;
+use crate::adapters::lora::{LoraNetwork, Part};
+use candle_core::{DType, Tensor, Var};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One optimizer parameter group: a name (`unet`, `text_encoder`, `embedding`, ...; also
+/// the TensorBoard `lr/` tag), its variables and base learning rate.
+pub struct VarGroup {
+    pub name: String,
+    pub vars: Vec<Var>,
+    pub lr: f64,
+}
+
+/// Counts `--dry-run` prints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Size {
+    pub unet_modules: usize,
+    pub text_encoder_modules: usize,
+    pub parameters: usize,
+}
+
+pub trait Method {
+    /// `lora`, `dreambooth`, `textual_inversion`, `hypernetwork` (recorded in states).
+    fn kind(&self) -> &'static str;
+    /// Output file extension with the dot (`.safetensors`, `.pt`).
+    fn extension(&self) -> &'static str {
+        ".safetensors"
+    }
+    fn groups(&self) -> Vec<VarGroup>;
+    fn size(&self) -> Size;
+    /// What a resume state must have been trained with (shape of the trainable part).
+    fn identity(&self) -> serde_json::Value;
+    /// The key of this step's dropout masks (0: off).
+    fn set_dropout_key(&self, _key: u64) {}
+    /// The training prompt of a sample's caption (after shuffling and dropout).
+    fn prompt(&self, caption: String, _rng: &mut Rng) -> String {
+        caption
+    }
+    /// Trainable tensors in f32 by name, for resume states.
+    fn state_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>>;
+    fn load_state(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), String>;
+    /// Write the output file at `path` (atomically), `dtype` from `--save-precision`.
+    fn save(&self, path: &Path, facts: &RunFacts, dtype: DType) -> Result<(), String>;
+}
+
+/// LoRA / LoCon in kohya's format.
+pub struct LoraMethod<'a> {
+    pub o: &'a LoraOptions,
+    pub net: LoraNetwork,
+}
+
+impl Method for LoraMethod<'_> {
+    fn kind(&self) -> &'static str {
+        "lora"
+    }
+
+    fn groups(&self) -> Vec<VarGroup> {
+        let o = self.o;
+        [
+            (Part::TextEncoder, "text_encoder", o.text_encoder_lr),
+            (Part::Unet, "unet", o.unet_lr),
+        ]
+        .into_iter()
+        .filter_map(|(part, name, lr)| {
+            let vars = self.net.vars(part);
+            (!vars.is_empty()).then(|| VarGroup {
+                name: name.into(),
+                vars,
+                lr: lr.unwrap_or(o.learning_rate),
+            })
+        })
+        .collect()
+    }
+
+    fn size(&self) -> Size {
+        let count = |p: Part| self.net.modules.iter().filter(|m| m.part == p).count();
+        Size {
+            unet_modules: count(Part::Unet),
+            text_encoder_modules: count(Part::TextEncoder),
+            parameters: self.net.num_params(),
+        }
+    }
+
+    fn identity(&self) -> serde_json::Value {
+        let o = self.o;
+        serde_json::json!({
+            "dim": o.network_dim,
+            "alpha": o.network_alpha,
+            "conv_dim": o.conv_dim,
+            "conv_alpha": o.conv_alpha,
+            "dropout": o.network_dropout,
+            "unet": !o.network_train_text_encoder_only,
+            "text_encoder": !o.network_train_unet_only,
+        })
+    }
+
+    fn set_dropout_key(&self, key: u64) {
+        self.net.set_dropout_key(key);
+    }
+
+    fn state_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        Ok(self.net.tensors(DType::F32)?)
+    }
+
+    fn load_state(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), String> {
+        self.net.load_tensors(tensors).map_err(|e| e.to_string())
+    }
+
+    fn save(&self, path: &Path, facts: &RunFacts, dtype: DType) -> Result<(), String> {
+        let tensors = self.net.tensors(dtype).map_err(|e| e.to_string())?;
+        let meta = lora_metadata(self.o, facts);
+        crate::formats::kohya_lora::save(path, &tensors, &meta).map_err(|e| e.to_string())
+    }
+}
