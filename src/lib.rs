@@ -9,6 +9,7 @@ pub mod check;
 pub mod cli;
 pub mod dataset;
 pub mod formats;
+pub mod hub;
 pub mod matte;
 pub mod model;
 pub mod review;
