@@ -6,6 +6,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 pub mod caption;
 pub mod check;
 pub mod config;
+pub mod models;
 pub mod prep;
 pub mod review;
 pub mod sample;
@@ -38,9 +39,11 @@ pub enum Command {
     Tokens(tokens::TokensArgs),
     /// Tag images with a DeepDanbooru or WD14 ONNX tagger (needs onnxruntime).
     #[command(
-        after_help = "Example:\n  sdkit tag photos/ --model-dir wd-v1-4-convnext-tagger-v2/ --trigger ohwx --existing overwrite\n\n\
-ONNX Runtime is loaded at run time: set ORT_DYLIB_PATH, or `pip install onnxruntime==1.31.1`\n\
-into ./.venv or the active virtualenv."
+        after_help = "Example:\n  sdkit tag photos/ --model wd14-convnext-v2\n  \
+sdkit tag photos/ --model-dir wd-v1-4-convnext-tagger-v2/ --trigger ohwx --existing overwrite\n\n\
+--model takes a file, a known name (sdkit models list) or a hub repo (owner/repo).\n\
+ONNX Runtime is loaded at run time: `sdkit models fetch onnxruntime`, or set ORT_DYLIB_PATH,\n\
+or `pip install onnxruntime==1.31.1` into the active virtualenv."
     )]
     Tag(tag::TagArgs),
     /// Text to image from an SD 1.x / 2.x checkpoint; PNGs carry webui's parameters.
@@ -52,6 +55,8 @@ into ./.venv or the active virtualenv."
         after_help = "Example:\n  sdkit train lora --model model.safetensors --data train/ --out lora/ --output-name ron --network-dim 32 --network-alpha 16 --learning-rate 1e-4 --max-train-epochs 10"
     )]
     Train(train::TrainArgs),
+    /// Known models (taggers, matting, checkpoints, onnxruntime): list them, fetch them.
+    Models(models::ModelsArgs),
 }
 
 /// Parses argv, expanding `--config` recipes first.
@@ -79,5 +84,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Sample(a) => sample::run(a),
         Command::Check(o) => check::run(o),
         Command::Train(a) => train::run(a),
+        Command::Models(a) => models::run(a),
     }
 }

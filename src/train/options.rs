@@ -54,7 +54,8 @@ DATA is a kohya train_data_dir (<repeats>_<name> folders) or the folder `sdkit p
 (its img/ and reg/ are both used). Files: OUT/NAME.safetensors, OUT/NAME-000004.safetensors\n\
 per saved epoch, OUT/NAME-state/ with --save-state.")]
 pub struct LoraOptions {
-    /// Checkpoint: diffusers folder, single-file .safetensors or .ckpt (SD 1.x / 2.x).
+    /// Checkpoint: diffusers folder, single-file .safetensors or .ckpt (SD 1.x / 2.x), or
+    /// from the Hugging Face hub: owner/repo (diffusers), owner/repo:file.safetensors, sd15.
     #[arg(long, value_name = "CKPT", alias = "pretrained-model-name-or-path")]
     pub model: PathBuf,
     /// Training images: kohya `<repeats>_<name>` folders, or `sdkit prep` output.
