@@ -39,6 +39,12 @@ fn agent(redirects: u32) -> ureq::Agent {
         .timeout_connect(Some(Duration::from_secs(30)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
         .user_agent(concat!("sdkit/", env!("CARGO_PKG_VERSION")))
+        // The system's trust store (and SSL_CERT_FILE), so a company proxy's CA works.
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+                .build(),
+        )
         .build()
         .into()
 }

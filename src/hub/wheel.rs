@@ -130,8 +130,40 @@ pub fn pick_wheel(
         })
         .filter(|(f, _, _)| platform_ok(f, os, arch))
         .collect();
-    hits.sort();
+    // Free-threaded (`cp314t`) wheels last: the library is the same, the usual one is
+    // the better-trodden path.
+    hits.sort_by_key(|(f, _, _)| {
+        (
+            !f.contains("t-manylinux") && !f.contains("t-macosx") && !f.contains("t-win"),
+            f.clone(),
+        )
+    });
     hits.pop()
+}
+
+/// `href` made absolute against the document at `base` (PyPI mirrors may answer with
+/// relative file URLs).
+pub fn join_url(base: &str, href: &str) -> String {
+    if href.starts_with("http://") || href.starts_with("https://") {
+        return href.into();
+    }
+    let (scheme, rest) = base.split_once("://").unwrap_or(("https", base));
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if let Some(abs) = href.strip_prefix('/') {
+        return format!("{scheme}://{host}/{abs}");
+    }
+    let mut parts: Vec<&str> = path.split('/').collect();
+    parts.pop(); // the document's own name
+    for seg in href.split('/') {
+        match seg {
+            ".." => {
+                parts.pop();
+            }
+            "." => {}
+            s => parts.push(s),
+        }
+    }
+    format!("{scheme}://{host}/{}", parts.join("/"))
 }
 
 /// Whether a wheel member is one of the libraries to extract.
@@ -249,12 +281,20 @@ pub fn fetch(client: &Client) -> Result<PathBuf, HubError> {
         .filter(|v| !v.trim().is_empty())
         .map(|v| v.trim().trim_end_matches('/').to_string())
         .unwrap_or_else(|| "https://pypi.org/pypi".into());
-    let release = download::get_json(
-        client,
-        &format!("{index}/{pkg}/{version}/json"),
-        None,
-        &what,
-    )?;
+    // The release's own document; some mirrors serve only the project's, whose
+    // `releases[version]` lists the same files.
+    let url = format!("{index}/{pkg}/{version}/json");
+    let (doc, release) = match download::get_json(client, &url, None, &what) {
+        Err(HubError::NotFound { .. }) => {
+            let url = format!("{index}/{pkg}/json");
+            let project = download::get_json(client, &url, None, &what)?;
+            (
+                url,
+                serde_json::json!({ "urls": project["releases"][version.as_str()] }),
+            )
+        }
+        r => (url, r?),
+    };
     let (os, arch) = (std::env::consts::OS, std::env::consts::ARCH);
     let (file, url, sha) = pick_wheel(&release, os, arch).ok_or_else(|| HubError::Protocol {
         what: what.clone(),
@@ -276,7 +316,7 @@ pub fn fetch(client: &Client) -> Result<PathBuf, HubError> {
         sha256: Some(sha.clone()),
         size: None,
     };
-    download::fetch_url(client, &url, None, &wheel, &expect, &file)?;
+    download::fetch_url(client, &join_url(&doc, &url), None, &wheel, &expect, &file)?;
     let lib = extract(&wheel, &sha, &pkg, &version, &dir)?;
     // The wheel is only a container; the extracted library has its own record.
     let _ = std::fs::remove_file(&wheel);
@@ -302,6 +342,20 @@ mod tests {
         assert_eq!(pick_wheel(&j, "macos", "aarch64").unwrap().1, "u3");
         assert_eq!(pick_wheel(&j, "windows", "x86_64").unwrap().1, "u4");
         assert!(pick_wheel(&j, "freebsd", "x86_64").is_none());
+    }
+
+    #[test]
+    fn relative_file_urls() {
+        let doc = "https://pypi.example/pypi/onnxruntime/json";
+        assert_eq!(
+            join_url(doc, "../../packages/a/x.whl"),
+            "https://pypi.example/packages/a/x.whl"
+        );
+        assert_eq!(
+            join_url(doc, "/files/x.whl"),
+            "https://pypi.example/files/x.whl"
+        );
+        assert_eq!(join_url(doc, "http://cdn/x.whl"), "http://cdn/x.whl");
     }
 
     #[cfg(target_os = "linux")]
