@@ -10,6 +10,7 @@ pub mod cli;
 pub mod dataset;
 pub mod formats;
 pub mod grid;
+pub mod hub;
 pub mod matte;
 pub mod model;
 pub mod review;

@@ -7,6 +7,7 @@ pub mod caption;
 pub mod check;
 pub mod config;
 pub mod grid;
+pub mod models;
 pub mod prep;
 pub mod review;
 pub mod sample;
@@ -39,9 +40,11 @@ pub enum Command {
     Tokens(tokens::TokensArgs),
     /// Tag images with a DeepDanbooru or WD14 ONNX tagger (needs onnxruntime).
     #[command(
-        after_help = "Example:\n  sdkit tag photos/ --model-dir wd-v1-4-convnext-tagger-v2/ --trigger ohwx --existing overwrite\n\n\
-ONNX Runtime is loaded at run time: set ORT_DYLIB_PATH, or `pip install onnxruntime==1.31.1`\n\
-into ./.venv or the active virtualenv."
+        after_help = "Example:\n  sdkit tag photos/ --model wd14-convnext-v2\n  \
+sdkit tag photos/ --model-dir wd-v1-4-convnext-tagger-v2/ --trigger ohwx --existing overwrite\n\n\
+--model takes a file, a known name (sdkit models list) or a hub repo (owner/repo).\n\
+ONNX Runtime is loaded at run time: `sdkit models fetch onnxruntime`, or set ORT_DYLIB_PATH,\n\
+or `pip install onnxruntime==1.31.1` into the active virtualenv."
     )]
     Tag(tag::TagArgs),
     /// Text to image from an SD 1.x / 2.x checkpoint; PNGs carry webui's parameters.
@@ -55,6 +58,8 @@ into ./.venv or the active virtualenv."
     Train(train::TrainArgs),
     /// X/Y/Z plot: adapter files x weights x settings, labelled grid images, cell PNGs, index.
     Grid(grid::GridArgs),
+    /// Known models (taggers, matting, checkpoints, onnxruntime): list them, fetch them.
+    Models(models::ModelsArgs),
 }
 
 /// Parses argv, expanding `--config` recipes first.
@@ -83,5 +88,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Check(o) => check::run(o),
         Command::Train(a) => train::run(a),
         Command::Grid(a) => grid::run(a),
+        Command::Models(a) => models::run(a),
     }
 }

@@ -2,8 +2,12 @@
 
 use crate::dataset::prep::{self, PrepOptions, PrepSummary};
 
-pub fn run(opts: PrepOptions) -> anyhow::Result<i32> {
+pub fn run(mut opts: PrepOptions) -> anyhow::Result<i32> {
     let hidden = opts.quiet || opts.json;
+    // `--matte u2net`: a known matting model, fetched once; a local path wins.
+    if let Some(m) = &opts.matte {
+        opts.matte = Some(crate::hub::resolve::matte(m, hidden)?);
+    }
     let bar = crate::util::progress::bar(0, "prep", hidden);
     let summary = prep::run(&opts, &bar)?;
     if opts.json {

@@ -236,8 +236,11 @@ pub(crate) fn random_seed() -> u64 {
 
 pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
     let Some(model) = a.model.clone() else {
-        bail!("give --model CKPT (a diffusers folder, .safetensors or .ckpt)");
+        bail!(
+            "give --model CKPT (a diffusers folder, .safetensors, .ckpt or a hub repo owner/repo)"
+        );
     };
+    let model = crate::hub::resolve::checkpoint(&model, a.quiet || a.json)?;
     let Some(prompt) = a.prompt.clone() else {
         bail!("give --prompt TEXT");
     };

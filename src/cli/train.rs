@@ -102,7 +102,9 @@ fn exit_for(e: &TrainError) -> i32 {
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<i32> {
-    let Method::Lora(o) = a.method;
+    let Method::Lora(mut o) = a.method;
+    // A hub repo id or known name is fetched into the hub cache; a local path wins.
+    o.train.model = crate::hub::resolve::checkpoint(&o.model, o.quiet || o.json)?;
     if o.dry_run {
         return match run::plan(&o) {
             Ok(p) => {

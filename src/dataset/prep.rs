@@ -141,9 +141,10 @@ pub struct PrepOptions {
     #[arg(long = "class", value_name = "WORD", help_heading = "Layout")]
     pub class: Option<String>,
 
-    /// Cut subjects out with this rembg-compatible ONNX model (u2net, isnet, birefnet)
-    /// and composite them onto --background before resizing (needs onnxruntime).
-    #[arg(long, value_name = "MODEL.onnx", help_heading = "Matting")]
+    /// Cut subjects out with this rembg-compatible ONNX model (u2net, isnet, birefnet; a
+    /// file, or a known name fetched on first use: sdkit models list) and composite them
+    /// onto --background before resizing (needs onnxruntime).
+    #[arg(long, value_name = "MODEL.onnx|NAME", help_heading = "Matting")]
     pub matte: Option<PathBuf>,
     /// The model's family, i.e. its rembg preprocessing contract (models/*.yaml).
     #[arg(long, value_enum, default_value_t, help_heading = "Matting")]

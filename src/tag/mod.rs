@@ -72,7 +72,8 @@ pub enum Existing {
 pub struct TagOptions {
     /// Folder of images to tag.
     pub dir: PathBuf,
-    /// The tagger's ONNX model.
+    /// The tagger: an ONNX file, a known name fetched on first use (wd14-convnext-v2; see
+    /// `sdkit models list`) or a hub repo with model.onnx + selected_tags.csv (owner/repo).
     #[arg(long, required_unless_present = "model_dir")]
     pub model: Option<PathBuf>,
     /// Label file: tags.txt (DeepDanbooru) or selected_tags.csv (WD14). Default: beside the model.
@@ -236,6 +237,8 @@ pub enum TagError {
     },
     #[error("--batch-size must be at least 1")]
     Batch,
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
 }
 
 const IMAGE_EXTS: &[&str] = &[
@@ -318,7 +321,14 @@ fn resolve(o: &TagOptions) -> Result<(PathBuf, PathBuf, Option<Kind>), TagError>
         KindArg::Deepdanbooru => Some(Kind::DeepDanbooru),
         KindArg::Wd14 => Some(Kind::Wd14),
     };
+    let fetched = match &o.model {
+        Some(m) => crate::hub::resolve::tagger(m, o.quiet || o.json)?,
+        None => None,
+    };
     let (model, labels, found) = match (&o.model, &o.model_dir) {
+        (Some(_), _) if let Some((m, l)) = fetched => {
+            (m, o.labels.clone().unwrap_or(l), Some(Kind::Wd14))
+        }
         (Some(m), _) => {
             let labels = match &o.labels {
                 Some(l) => l.clone(),

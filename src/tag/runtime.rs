@@ -1,10 +1,15 @@
 //! ONNX Runtime, loaded at run time: finding `libonnxruntime`, one process-wide
 //! environment, and tagger sessions with their input contract read from the model.
 //!
-//! The library is looked for, in order: `ORT_DYLIB_PATH`; beside the `sdkit` executable;
-//! the `onnxruntime` Python package (`onnxruntime/capi/libonnxruntime.so*`) in
-//! `$VIRTUAL_ENV`, in a `.venv` in the current directory or one of its parents, and in
-//! the site-packages of `python3`.
+//! The library is looked for only where the user put it or chose it, in order:
+//! `ORT_DYLIB_PATH`; beside the `sdkit` executable; the `onnxruntime` Python package
+//! (`onnxruntime/capi/libonnxruntime.so*`) in the active `$VIRTUAL_ENV`; the copy
+//! `sdkit models fetch onnxruntime` extracted into sdkit's cache (its sha256 checked
+//! against the record written at extraction); the site-packages of `python3` on `PATH`
+//! (asked in isolated mode, `python3 -I`, so no file of the current folder is imported).
+//!
+//! Never the working folder or its parents: a `.venv` inside a downloaded dataset is
+//! whatever its author put there, and loading a library runs its code.
 
 use super::preprocess::{Contract, Kind, Layout};
 use ort::session::Session;
@@ -19,11 +24,13 @@ pub const PINNED_ORT: &str = "1.31.1";
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(
-        "ONNX Runtime not found (looked in ORT_DYLIB_PATH, beside the sdkit binary, $VIRTUAL_ENV, ./.venv and python3's site-packages). \
-Get it with: python3 -m venv .venv && .venv/bin/pip install onnxruntime=={PINNED_ORT} \
-then run again from this folder or set ORT_DYLIB_PATH=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*)"
+        "ONNX Runtime not found (looked in ORT_DYLIB_PATH, beside the sdkit binary, $VIRTUAL_ENV, sdkit's cache and python3's site-packages). \
+Get it with `sdkit models fetch onnxruntime` (no Python needed), or: python3 -m venv .venv && .venv/bin/pip install onnxruntime=={PINNED_ORT} \
+&& export ORT_DYLIB_PATH=$(ls $PWD/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*)"
     )]
     NotFound,
+    #[error("{}: {reason}; fetch it again with `sdkit models fetch onnxruntime`", path.display())]
+    Cached { path: PathBuf, reason: String },
     #[error("ORT_DYLIB_PATH={0} does not exist")]
     BadEnvPath(PathBuf),
     #[error("cannot load ONNX Runtime: {0}")]
@@ -42,7 +49,7 @@ then run again from this folder or set ORT_DYLIB_PATH=$(ls .venv/lib/python3*/si
     Run(String),
 }
 
-fn lib_name_ok(name: &str) -> bool {
+pub(crate) fn lib_name_ok(name: &str) -> bool {
     let (pre, suf) = (std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX);
     let base = format!("{pre}onnxruntime{suf}");
     // Linux packages ship libonnxruntime.so.1.31.1; macOS libonnxruntime.1.31.1.dylib.
@@ -84,10 +91,13 @@ fn venv_sites(venv: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// site-packages of `python3`. `-I` (isolated): without it `-c` puts the current folder
+/// first on `sys.path`, so a `sysconfig.py` lying in it would run.
 fn python_sites() -> Vec<PathBuf> {
     let code = "import site,sysconfig\nfor p in [sysconfig.get_paths()['purelib'],sysconfig.get_paths()['platlib']]+site.getsitepackages()+[site.getusersitepackages()]: print(p)";
     let Ok(out) = std::process::Command::new("python3")
-        .args(["-c", code])
+        .args(["-I", "-c", code])
+        .current_dir(std::env::temp_dir())
         .stderr(std::process::Stdio::null())
         .output()
     else {
@@ -116,16 +126,21 @@ pub fn find_dylib() -> Result<PathBuf, RuntimeError> {
     {
         return Ok(p);
     }
-    let mut venvs: Vec<PathBuf> = std::env::var_os("VIRTUAL_ENV")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    if let Ok(cwd) = std::env::current_dir() {
-        venvs.extend(cwd.ancestors().map(|a| a.join(".venv")));
+    if let Some(v) = std::env::var_os("VIRTUAL_ENV").filter(|v| !v.is_empty())
+        && let Some(p) = venv_sites(Path::new(&v))
+            .iter()
+            .find_map(|s| in_site_packages(s))
+    {
+        return Ok(p);
     }
-    for v in venvs.iter().filter(|v| v.is_dir()) {
-        if let Some(p) = venv_sites(v).iter().find_map(|s| in_site_packages(s)) {
-            return Ok(p);
+    match crate::hub::wheel::installed() {
+        Ok(Some(p)) => return Ok(p),
+        Ok(None) => {}
+        Err(e) => {
+            return Err(RuntimeError::Cached {
+                path: e.path,
+                reason: e.reason,
+            });
         }
     }
     python_sites()

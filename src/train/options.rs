@@ -49,7 +49,8 @@ pub enum SampleSampler {
 /// options flatten these, so `--data` means the same in `train lora` and the others.
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct TrainOptions {
-    /// Checkpoint: diffusers folder, single-file .safetensors or .ckpt (SD 1.x / 2.x).
+    /// Checkpoint: diffusers folder, single-file .safetensors or .ckpt (SD 1.x / 2.x), or
+    /// from the Hugging Face hub: owner/repo (diffusers), owner/repo:file.safetensors, sd15.
     #[arg(long, value_name = "CKPT", alias = "pretrained-model-name-or-path")]
     pub model: PathBuf,
     /// Training images: kohya `<repeats>_<name>` folders, or `sdkit prep` output.

@@ -324,19 +324,24 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_slice(&bytes).map_err(|e| fail(path, format!("bad JSON: {e}")))
 }
 
+/// Weight files of a diffusers component folder, in the order they are looked for.
+pub const COMPONENT_WEIGHTS: &[&str] = &[
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+    "pytorch_model.fp16.bin",
+];
+
+/// The diffusers components sdkit loads (besides `model_index.json`).
+pub const COMPONENTS: &[&str] = &["unet", "vae", "text_encoder"];
+
 /// The weights file of a diffusers component folder.
 fn component_file(dir: &Path) -> Result<PathBuf> {
-    const NAMES: &[&str] = &[
-        "diffusion_pytorch_model.safetensors",
-        "model.safetensors",
-        "diffusion_pytorch_model.fp16.safetensors",
-        "model.fp16.safetensors",
-        "diffusion_pytorch_model.bin",
-        "pytorch_model.bin",
-        "diffusion_pytorch_model.fp16.bin",
-        "pytorch_model.fp16.bin",
-    ];
-    NAMES
+    COMPONENT_WEIGHTS
         .iter()
         .map(|n| dir.join(n))
         .find(|p| p.is_file())
