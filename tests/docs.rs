@@ -30,7 +30,7 @@ fn help(words: &[&str]) -> String {
         .unwrap();
     assert!(
         o.status.success(),
-        "sdkit {} --help failed: {}",
+        "sdkit {} --help failed (a docs page that is no command's goes in NOT_COMMANDS): {}",
         words.join(" "),
         String::from_utf8_lossy(&o.stderr)
     );
