@@ -29,7 +29,7 @@
 //! most 0.038% of values differ, 0.0012% by more than 1, mean <= 0.0004; composites
 //! max 2, <= 0.014% differ; bucket outputs max 1, <= 0.034% differ.
 //!
-//! The inference tests need ONNX Runtime (see README "Tagging"). Without it they
+//! The inference tests need ONNX Runtime (see docs/tag.md, "ONNX Runtime"). Without it they
 //! print a notice and pass locally; under CI (`CI` set) they fail instead.
 
 use sdkit::dataset::decode::decode_file_any;

@@ -11,8 +11,8 @@
 //! ([`reference_scores_keep_caption_decisions_clear`] checks the fixtures for it); the
 //! one that is not (a rating argmax two ulps apart) accepts either rating.
 //!
-//! The inference tests need ONNX Runtime (see README "Tagging"). Without it they print
-//! a notice and pass locally; under CI (`CI` set) they fail instead.
+//! The inference tests need ONNX Runtime (see docs/tag.md, "ONNX Runtime"). Without it
+//! they print a notice and pass locally; under CI (`CI` set) they fail instead.
 
 use sdkit::dataset::caption_io;
 use sdkit::dataset::decode::decode_file_any;
