@@ -6,6 +6,7 @@
 # Heavy (~4.3 GB of weights, minutes per step on 2 cores): run it on a quiet machine.
 # Needs the reference venv: source ../shared/scripts/refenv.sh (sets $REFPY).
 # Usage: bench/train/run.sh [STEPS]   (default 3)
+# GRADIENT_CHECKPOINTING=1: both sides recompute UNet blocks in the backward.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEPS=${1:-3}
@@ -24,6 +25,7 @@ rm -rf "$OUT/lora"
 /usr/bin/time -f "sdkit peak RSS %M KB" "$BIN" train lora --model "$MODEL" --data "$OUT/data" \
   --out "$OUT/lora" --output-name bench --network-dim 32 --network-alpha 16 \
   --learning-rate 1e-4 --max-train-steps "$STEPS" --cache-latents --seed 0 --json --quiet \
+  $([ "${GRADIENT_CHECKPOINTING:-}" = 1 ] && echo --gradient-checkpointing) \
   > "$OUT/sdkit.json"
 "$REFPY" - "$OUT/sdkit.json" <<'PY'
 import json, sys

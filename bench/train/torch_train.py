@@ -7,6 +7,7 @@ proj_in / proj_out, text-encoder q/k/v/out_proj and fc1/fc2; AdamW lr 1e-4; batc
 512x512; per step: caption -> CLIP (grad through the LoRA) -> noise -> UNet forward +
 backward -> clip grad norm 1.0 -> AdamW step. Latents are encoded first (the caching rate of
 diffusers' VAE encode). Prints seconds per step (mean of steps 2..N), caching rate, peak RSS.
+GRADIENT_CHECKPOINTING=1 turns on diffusers' gradient checkpointing of the UNet.
 """
 
 import glob
@@ -47,6 +48,8 @@ def main():
             x = (x / 127.5 - 1.0).permute(2, 0, 1)[None]
             latents.append(vae.encode(x).latent_dist.sample() * 0.18215)
     rate = len(images) / (time.perf_counter() - t)
+    if os.environ.get("GRADIENT_CHECKPOINTING") == "1":
+        unet.enable_gradient_checkpointing()
     unet.add_adapter(LoraConfig(r=32, lora_alpha=16, init_lora_weights="gaussian",
                                 target_modules=UNET_TARGETS))
     # transformers' own add_adapter wants a newer peft than the pinned one: inject directly.
@@ -77,7 +80,8 @@ def main():
     n = sum(p.numel() for p in params)
     print(f"pytorch {torch.__version__} (diffusers + peft): {mean:.2f} s/step, "
           f"latents {rate:.2f} images/s, {n} LoRA parameters, peak RSS {peak_gb():.2f} GB, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, "
+          f"checkpointing {os.environ.get('GRADIENT_CHECKPOINTING') == '1'}")
 
 
 if __name__ == "__main__":

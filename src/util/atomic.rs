@@ -23,9 +23,19 @@ where
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempfile_in(dir)?;
+    let mut b = tempfile::Builder::new();
+    b.prefix(TEMP_PREFIX);
+    // A new file gets the mode any program's new file gets (0666 less the umask), not the
+    // temp file's private 0600; a replaced file keeps its own.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(fs::Permissions::from_mode(0o666));
+    }
+    let tmp = b.tempfile_in(dir)?;
+    if let Ok(m) = fs::metadata(path) {
+        tmp.as_file().set_permissions(m.permissions())?;
+    }
     {
         let mut w = BufWriter::new(tmp.as_file());
         fill(&mut w)?;
@@ -45,6 +55,24 @@ pub fn create_dir_all(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// New files are as readable as any other new file (umask applies), not 0600;
+    /// replacing a file keeps its mode.
+    #[cfg(unix)]
+    #[test]
+    fn modes_of_new_and_replaced_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        write_atomic(&p, b"x").unwrap();
+        let reference = dir.path().join("plain.txt");
+        fs::write(&reference, b"x").unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), mode(&reference));
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic(&p, b"y").unwrap();
+        assert_eq!(mode(&p), 0o640);
+    }
 
     #[test]
     fn replaces_existing_file_and_leaves_no_temp() {
