@@ -110,6 +110,91 @@ pub fn scale_shift_frozen(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Re
     )
 }
 
+type Bwd2 = Box<
+    dyn Fn(
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            bool,
+            bool,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync,
+>;
+
+/// `f(a, b)` with a hand-written backward `bwd(a, b, dy, need_a, need_b) -> (da, db)`
+/// (operands detached; a gradient is asked for only where its operand is tracked).
+pub fn with_backward2(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl FnOnce(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    bwd: impl Fn(
+        &Tensor,
+        &Tensor,
+        &Tensor,
+        bool,
+        bool,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)>
+    + Send
+    + Sync
+    + 'static,
+) -> candle_core::Result<Tensor> {
+    if !a.track_op() && !b.track_op() {
+        return f(a, b);
+    }
+    let y = f(&a.detach(), &b.detach())?;
+    let op = Precomputed2 {
+        inner: Precomputed {
+            out: Mutex::new(Some(y)),
+            bwd: Box::new(|g| Ok(g.clone())),
+        },
+        bwd: Box::new(bwd),
+    };
+    a.apply_op2(b, op)
+}
+
+struct Precomputed2 {
+    inner: Precomputed,
+    bwd: Bwd2,
+}
+
+impl candle_core::CustomOp2 for Precomputed2 {
+    fn name(&self) -> &'static str {
+        "with-backward2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_storage(&self.inner.take()?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.inner.cuda_fwd(s, l)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        (self.bwd)(&a.detach(), &b.detach(), grad, a.track_op(), b.track_op())
+    }
+}
+
 /// The op recorded in the graph: its forward hands over the result computed outside
 /// (taken, so it is held once), its backward calls `bwd`.
 struct Precomputed {
