@@ -391,3 +391,102 @@ impl TrainableEmbedding {
             .save(path, format, dtype, meta)
     }
 }
+
+/// What [`load_dir`] found.
+pub struct DirEmbeddings {
+    pub embeddings: Vec<Embedding>,
+    /// Files left out, with the reason (webui skips them too).
+    pub skipped: Vec<EmbeddingError>,
+}
+
+/// Every embedding file under `dir` (subfolders too, as webui), named by file stem, for
+/// a text encoder of `width`. A file that cannot be used (unreadable, another width, a
+/// second file of the same name) is skipped, unless one of `prompts` uses its name:
+/// then it is an error, since the image would silently lack the embedding.
+pub fn load_dir(
+    dir: &Path,
+    width: usize,
+    prompts: &[&str],
+) -> Result<DirEmbeddings, EmbeddingError> {
+    if !dir.is_dir() {
+        return Err(err(dir, "not a folder of embeddings"));
+    }
+    let tok = ClipTokenizer::shared();
+    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .filter(|p| {
+            let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase());
+            matches!(ext.as_deref(), Some("safetensors" | "sft" | "pt" | "bin"))
+                && std::fs::metadata(p).is_ok_and(|m| m.len() > 0)
+        })
+        .collect();
+    files.sort();
+    let mut out = DirEmbeddings {
+        embeddings: Vec::new(),
+        skipped: Vec::new(),
+    };
+    let mut names = Placeholders::new(crate::model::tokenizer::VOCAB_SIZE);
+    for f in files {
+        let stem = f
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let loaded = Embedding::load(&f).and_then(|e| {
+            e.check_width(width)?;
+            names
+                .add(tok, &e.name, e.n())
+                .map_err(|x| err(&f, x.to_string()))?;
+            Ok(e)
+        });
+        match loaded {
+            Ok(e) => out.embeddings.push(e),
+            Err(e)
+                if prompts
+                    .iter()
+                    .any(|p| Placeholders::mentions(tok, p, &stem)) =>
+            {
+                return Err(e);
+            }
+            Err(e) => out.skipped.push(e),
+        }
+    }
+    Ok(out)
+}
+
+/// webui's `TI hashes` infotext value for the embeddings `prompts` use: `name: <first 12
+/// hex of the file's sha256>`, comma-separated (`:` and `,` removed from names).
+pub fn ti_hashes(clip: &ClipTextModel, embeddings: &[Embedding], prompts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let tok = ClipTokenizer::shared();
+    let mut seen: Vec<String> = Vec::new();
+    let mut parts = Vec::new();
+    for p in prompts {
+        for used in clip.placeholders.used_in_prompt(tok, p) {
+            if seen.contains(&used.name) {
+                continue;
+            }
+            seen.push(used.name.clone());
+            let Some(file) = embeddings
+                .iter()
+                .find(|e| e.name == used.name)
+                .and_then(|e| e.file.as_ref())
+            else {
+                continue;
+            };
+            let Ok(bytes) = std::fs::read(file) else {
+                continue;
+            };
+            let hex: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let name = used.name.replace([':', ','], "");
+            parts.push(format!("{name}: {}", &hex[..12]));
+        }
+    }
+    parts.join(", ")
+}

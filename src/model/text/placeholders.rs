@@ -179,20 +179,25 @@ impl Placeholders {
         out
     }
 
-    /// Whether the token stream of `text` contains `tokens` (a name's tokens) at a
-    /// position where webui would match it.
-    pub fn mentions(tok: &ClipTokenizer, text: &str, name: &str) -> bool {
-        let mut one = Placeholders::new(super::tokenizer::VOCAB_SIZE);
-        if one.add(tok, name, 1).is_err() {
-            return false;
+    /// The names a prompt (webui syntax) uses, each once, in order of first use. Names
+    /// are found within each emphasis fragment, as webui tokenizes them one by one.
+    pub fn used_in_prompt(&self, tok: &ClipTokenizer, prompt: &str) -> Vec<&Placeholder> {
+        let mut out: Vec<&Placeholder> = Vec::new();
+        for f in super::prompt::parse_attention(prompt).unwrap_or_default() {
+            for e in self.used(&tok.encode(&f.text)) {
+                if !out.iter().any(|o| o.first_id == e.first_id) {
+                    out.push(e);
+                }
+            }
         }
-        super::prompt::parse_attention(text)
-            .map(|frags| {
-                frags
-                    .iter()
-                    .any(|f| !one.used(&tok.encode(&f.text)).is_empty())
-            })
-            .unwrap_or(false)
+        out
+    }
+
+    /// Whether `prompt` uses `name` (whether webui would put an embedding of that name
+    /// into it).
+    pub fn mentions(tok: &ClipTokenizer, prompt: &str, name: &str) -> bool {
+        let mut one = Placeholders::new(super::tokenizer::VOCAB_SIZE);
+        one.add(tok, name, 1).is_ok() && !one.used_in_prompt(tok, prompt).is_empty()
     }
 }
 
