@@ -347,7 +347,9 @@ impl TrainableEmbedding {
 
     /// The current vectors as an [`Embedding`] (f32, CPU).
     pub fn embedding(&self) -> candle_core::Result<Embedding> {
-        let vectors = no_grad(|| self.var.as_tensor().detach().to_device(&Device::Cpu))?;
+        // A copy: on the CPU `to_device` would share the Var's storage, and a saved state
+        // must not follow later updates.
+        let vectors = no_grad(|| self.var.as_tensor().detach().to_device(&Device::Cpu))?.copy()?;
         Ok(Embedding {
             name: self.name.clone(),
             vectors,
