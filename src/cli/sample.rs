@@ -50,7 +50,8 @@ pub enum Precision {
     sdkit sample --model v1-5-pruned-emaonly.safetensors --prompt \"a photo of a cat\" --seed 1\n  \
     sdkit sample --model sd2-diffusers/ --prompt \"(red hair:1.2), portrait\" --negative lowres \\\n    \
     --sampler dpm++2m-karras --steps 25 --width 768 --height 768 --count 4 --out samples/\n  \
-    sdkit sample --model model.safetensors --prompt \"ohwx, portrait\" --lora lora/ron.safetensors:0.8\n\n\
+    sdkit sample --model model.safetensors --prompt \"ohwx, portrait\" --lora lora/ron.safetensors:0.8\n  \
+    sdkit sample --model model.safetensors --prompt \"a photo of mycat\" --embeddings embeddings/\n\n\
 Checkpoints: a diffusers folder, a single-file .safetensors or a .ckpt (SD 1.x / 2.x).\n\
 A <name>.yaml next to a single file is read like webui does (parameterization: v).")]
 pub struct SampleArgs {
@@ -95,6 +96,10 @@ pub struct SampleArgs {
     /// `<lora:name:weight>`); repeatable. Keys that match no layer are listed.
     #[arg(long, value_name = "FILE[:WEIGHT]")]
     pub lora: Vec<String>,
+    /// A folder of textual-inversion embeddings (webui's `embeddings/`): every
+    /// .safetensors / .pt / .bin file in it is used by writing its file stem in the prompt.
+    #[arg(long, value_name = "DIR")]
+    pub embeddings: Option<PathBuf>,
     /// Where to compute (`cuda` needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -126,6 +131,7 @@ impl Default for SampleArgs {
             prediction: None,
             precision: Precision::F32,
             lora: vec![],
+            embeddings: None,
             device: DeviceArg::Cpu,
             out: "samples".into(),
             json: false,
@@ -143,6 +149,8 @@ struct Report {
     seeds: Vec<u64>,
     seconds: f64,
     loras: Vec<AppliedLora>,
+    /// Embedding names found in the prompts.
+    embeddings_used: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -209,6 +217,37 @@ fn apply_loras(models: &mut Models, args: &[String]) -> anyhow::Result<(Vec<Appl
     Ok((applied, hashes.join(", ")))
 }
 
+/// Attach every embedding of `dir` to the text encoder; the names the prompts use and
+/// webui's `TI hashes` value.
+fn attach_embeddings(
+    models: &mut Models,
+    dir: &Path,
+    prompt: &str,
+    negative: &str,
+    quiet: bool,
+) -> anyhow::Result<(Vec<String>, String)> {
+    use crate::adapters::embedding;
+    let prompts = [prompt, negative];
+    let found = embedding::load_dir(dir, models.clip.config.width, &prompts)?;
+    if !quiet {
+        for s in &found.skipped {
+            eprintln!("warning: skipped: {s}");
+        }
+    }
+    embedding::attach(&mut models.clip, &found.embeddings)?;
+    let tok = crate::model::tokenizer::ClipTokenizer::shared();
+    let mut used: Vec<String> = Vec::new();
+    for p in prompts {
+        for e in models.clip.placeholders.used_in_prompt(tok, p) {
+            if !used.contains(&e.name) {
+                used.push(e.name.clone());
+            }
+        }
+    }
+    let hashes = embedding::ti_hashes(&models.clip, &found.embeddings, &prompts);
+    Ok((used, hashes))
+}
+
 /// The next free webui-style index in `dir` (files named `NNNNN-…`).
 fn next_index(dir: &Path) -> usize {
     std::fs::read_dir(dir)
@@ -267,6 +306,10 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
     let ck = loader::open(&model, &opts)?;
     let mut models = Models::new(ck)?;
     let (loras, lora_hashes) = apply_loras(&mut models, &a.lora)?;
+    let (embeddings_used, ti_hashes) = match &a.embeddings {
+        Some(dir) => attach_embeddings(&mut models, dir, &prompt, &a.negative, a.quiet)?,
+        None => (vec![], String::new()),
+    };
     let shape = models.latent_shape(a.width, a.height)?;
     let (hash, name) = png_params::model_hash_and_name(&model)
         .with_context(|| format!("{}: cannot hash", model.display()))?;
@@ -305,11 +348,11 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
             model_hash: hash.clone(),
             model: Some(name.clone()),
             clip_skip: a.clip_skip,
-            extra: if lora_hashes.is_empty() {
-                vec![]
-            } else {
-                vec![("Lora hashes".to_string(), lora_hashes.clone())]
-            },
+            extra: [("TI hashes", &ti_hashes), ("Lora hashes", &lora_hashes)]
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
         };
         let path = a.out.join(format!("{index:05}-{seed}.png"));
         index += 1;
@@ -333,6 +376,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         seeds,
         seconds: started.elapsed().as_secs_f64(),
         loras,
+        embeddings_used,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

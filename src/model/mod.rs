@@ -17,7 +17,7 @@ pub mod vae;
 pub use io::{arch, keymap, loader, weights};
 pub use nn::{attention, grad};
 pub use sampling::{pipeline, rng, samplers, schedule};
-pub use text::{clip, prompt, tokenizer};
+pub use text::{clip, placeholders, prompt, tokenizer};
 
 pub use text::clean as clean_text;
 pub use tokenizer::{BOS, ClipTokenizer, EOS};

@@ -97,9 +97,104 @@ impl Schedule {
     }
 }
 
+/// webui's textual-inversion / hypernetwork learning-rate syntax: `"0.005:100, 1e-3:1000,
+/// 1e-5"` is 0.005 until step 100, 1e-3 until step 1000, then 1e-5 to the end. A rate
+/// with step -1 or no step runs to the end; when the last rate has a step, training ends
+/// there (webui stops).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRates {
+    /// (rate, end step; None = to the end), ends increasing.
+    rates: Vec<(f64, Option<u64>)>,
+}
+
+impl StepRates {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = |why: String| {
+            format!(
+                "learning rate {text:?}: {why} (a number, or e.g. \"0.005:100, 1e-3:1000, 1e-5\": \
+                 0.005 until step 100, 1e-3 until 1000, then 1e-5)"
+            )
+        };
+        let mut rates: Vec<(f64, Option<u64>)> = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if rates.last().is_some_and(|r| r.1.is_none()) {
+                return Err(bad(format!("{part:?} follows a rate that runs to the end")));
+            }
+            let (rate, step) = match part.split_once(':') {
+                Some((r, s)) => (r.trim(), Some(s.trim())),
+                None => (part, None),
+            };
+            let rate: f64 = rate
+                .parse()
+                .ok()
+                .filter(|r: &f64| r.is_finite() && *r >= 0.0)
+                .ok_or_else(|| bad(format!("{rate:?} is not a learning rate")))?;
+            let end = match step {
+                None | Some("-1") => None,
+                Some(s) => Some(
+                    s.parse::<u64>()
+                        .map_err(|_| bad(format!("{s:?} is not a step number")))?,
+                ),
+            };
+            if let (Some(e), Some((_, Some(prev)))) = (end, rates.last())
+                && e <= *prev
+            {
+                return Err(bad(format!("step {e} does not come after step {prev}")));
+            }
+            rates.push((rate, end));
+        }
+        if rates.is_empty() {
+            return Err(bad("no rate".into()));
+        }
+        Ok(Self { rates })
+    }
+
+    /// The rate for step `step` (0-based, steps done so far); None once the schedule
+    /// has ended.
+    pub fn at(&self, step: u64) -> Option<f64> {
+        self.rates
+            .iter()
+            .find(|(_, end)| end.is_none_or(|e| step < e))
+            .map(|(r, _)| *r)
+    }
+
+    /// The step where the schedule ends (None: it runs as long as training does).
+    pub fn end(&self) -> Option<u64> {
+        self.rates.last().and_then(|r| r.1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webui_rate_syntax() {
+        let r = StepRates::parse("0.005:100, 1e-3:1000, 1e-5").unwrap();
+        assert_eq!(r.at(0), Some(0.005));
+        assert_eq!(r.at(99), Some(0.005));
+        assert_eq!(r.at(100), Some(1e-3));
+        assert_eq!(r.at(999), Some(1e-3));
+        assert_eq!(r.at(1000), Some(1e-5));
+        assert_eq!(r.at(1_000_000), Some(1e-5));
+        assert_eq!(r.end(), None);
+        let r = StepRates::parse(" 0.1:10,0.01:20 ").unwrap();
+        assert_eq!((r.at(19), r.at(20), r.end()), (Some(0.01), None, Some(20)));
+        assert_eq!(StepRates::parse("0.005").unwrap().at(5), Some(0.005));
+        assert_eq!(StepRates::parse("0.5:-1").unwrap().at(5), Some(0.5));
+        for bad in [
+            "",
+            "abc",
+            "0.1:x",
+            "0.1:10.5",
+            "0.1, 0.2",
+            "0.1:20, 0.2:10",
+            "-1",
+        ] {
+            let e = StepRates::parse(bad).unwrap_err();
+            assert!(e.contains("learning rate"), "{bad}: {e}");
+        }
+    }
 
     fn sched(kind: LrScheduler, warmup: u64) -> Schedule {
         Schedule {

@@ -4,7 +4,8 @@
 //! buckets, batches, caption pipeline), `latents` (encode + cache), `objective` (noise,
 //! targets, losses, weights), `optim` (optimizers with saveable state, clipping), `lr`
 //! (schedules), `rng` (named random streams: exact resume), `state` (save / resume),
-//! `metadata` (kohya's `ss_*` header), `samples` (prompt file images), `run` (the loop).
+//! `metadata` (kohya's `ss_*` header), `samples` (prompt file images), `templates` (textual-inversion prompts), `run`
+//! (the loop).
 
 pub mod data;
 pub mod latents;
@@ -18,3 +19,4 @@ pub mod rng;
 pub mod run;
 pub mod samples;
 pub mod state;
+pub mod templates;

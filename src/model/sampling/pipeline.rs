@@ -14,7 +14,7 @@ use super::schedule::DdpmSchedule;
 use crate::model::arch::{Arch, UNetParams, VaeParams};
 use crate::model::clip::ClipTextModel;
 use crate::model::loader::{Checkpoint, ModelInfo};
-use crate::model::prompt::{ChunkOptions, Pad, a1111_prompt};
+use crate::model::prompt::{ChunkOptions, Pad, a1111_prompt_with};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::config::PerBlock;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
@@ -55,7 +55,7 @@ pub fn encode_prompt(
         pad: pad_for(arch),
         ..ChunkOptions::default()
     };
-    let (chunks, _) = a1111_prompt(ClipTokenizer::shared(), prompt, opts)
+    let (chunks, _) = a1111_prompt_with(ClipTokenizer::shared(), prompt, opts, &clip.placeholders)
         .map_err(|e| prompt_err(format!("{e} in {prompt:?}")))?;
     let device = clip.token_embedding.tensor().device().clone();
     let dtype = clip.token_embedding.tensor().dtype();

@@ -10,6 +10,7 @@
 use crate::model::arch::count_indexed;
 use crate::model::grad::add_frozen;
 use crate::model::nn::{LayerNorm, Linear, gelu, quick_gelu, softmax_last_dim};
+use crate::model::text::placeholders::Placeholders;
 use crate::model::weights::{Param, Weights};
 use crate::model::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
@@ -175,6 +176,9 @@ pub struct ClipTextModel {
     pub position_embedding: Param,
     /// Extra token-embedding rows for ids `vocab..vocab + n` (textual inversion).
     pub extra_embeddings: Option<Param>,
+    /// The names those rows stand for in prompts (set together with the rows by
+    /// [`ClipTextModel::set_extra`]).
+    pub placeholders: Placeholders,
     pub layers: Vec<EncoderLayer>,
     pub final_layer_norm: LayerNorm,
 }
@@ -251,10 +255,33 @@ impl ClipTextModel {
                 &[c.max_positions, width],
             )?,
             extra_embeddings: None,
+            placeholders: Placeholders::new(vocab),
             final_layer_norm: LayerNorm::load(w, &format!("{HF}final_layer_norm"), width, c.eps)?,
             layers,
             config,
         })
+    }
+
+    /// Textual-inversion vectors: `table` [placeholders.total(), width] holds the rows of
+    /// the ids `placeholders` hands out (an empty registry removes the extra table).
+    pub fn set_extra(&mut self, placeholders: Placeholders, table: Option<Param>) -> Result<()> {
+        let rows = placeholders.total();
+        let shape = table.as_ref().map(|t| t.tensor().dims().to_vec());
+        let fits = match &shape {
+            None => rows == 0,
+            Some(s) => s.as_slice() == [rows, self.config.width],
+        };
+        if !fits || placeholders.base() != self.config.vocab {
+            return Err(ModelError::Shape {
+                file: "textual inversion".into(),
+                key: "extra_embeddings".into(),
+                found: shape.unwrap_or_default(),
+                expected: vec![rows, self.config.width],
+            });
+        }
+        self.extra_embeddings = table;
+        self.placeholders = placeholders;
+        Ok(())
     }
 
     /// Token embeddings plus position embeddings for `ids` [B, L] (u32).
@@ -273,8 +300,10 @@ impl ClipTextModel {
                     &flat.zeros_like()?,
                 )?;
                 let mask = is_extra.unsqueeze(1)?.broadcast_as((b * l, width))?;
+                // An f32 trainable table on an f16 model: the cast is differentiable.
+                let extra = extra.value().to_dtype(table.dtype())?;
                 mask.where_cond(
-                    &extra.value().index_select(&extra_ids, 0)?,
+                    &extra.index_select(&extra_ids, 0)?,
                     &table.index_select(&base_ids, 0)?,
                 )?
             }

@@ -4,6 +4,7 @@
 mod clean;
 pub mod clip;
 mod html;
+pub mod placeholders;
 pub mod prompt;
 pub mod tokenizer;
 

@@ -15,6 +15,7 @@
 //! 150/225 are then cut into exactly 2/3 chunks of BOS + 75 + EOS, empty ones included.
 //! A caption longer than the limit loses its tail silently; A1111 would open a chunk.
 
+use super::placeholders::Placeholders;
 use super::tokenizer::{BOS, COMMA, ClipTokenizer, EOS};
 use std::sync::OnceLock;
 
@@ -238,6 +239,21 @@ pub fn a1111_chunks(
     fragments: &[Fragment],
     opts: ChunkOptions,
 ) -> (Vec<Chunk>, usize) {
+    a1111_chunks_with(tok, fragments, opts, &Placeholders::default())
+}
+
+/// [`a1111_chunks`] with textual-inversion names: where a name's tokens start, its `n`
+/// vector ids go in instead (webui's `tokenize_line`): when they do not fit in the
+/// current chunk, the chunk is closed first, so an embedding never straddles two chunks;
+/// the vectors take the weight of the text around them and count as `n` tokens. (webui
+/// leaves an embedding behind when the comma rule moves the tokens after a comma to the
+/// next chunk; here its vectors move with them.)
+pub fn a1111_chunks_with(
+    tok: &ClipTokenizer,
+    fragments: &[Fragment],
+    opts: ChunkOptions,
+    names: &Placeholders,
+) -> (Vec<Chunk>, usize) {
     let mut chunks: Vec<Chunk> = Vec::new();
     let mut cur_t: Vec<u32> = Vec::new();
     let mut cur_w: Vec<f64> = Vec::new();
@@ -279,7 +295,10 @@ pub fn a1111_chunks(
             last_comma = None;
             continue;
         }
-        for id in tok.encode(&frag.text) {
+        let ids = tok.encode(&frag.text);
+        let mut pos = 0;
+        while pos < ids.len() {
+            let id = ids[pos];
             if id == COMMA {
                 last_comma = Some(cur_t.len());
             } else if let Some(lc) = last_comma
@@ -299,8 +318,19 @@ pub fn a1111_chunks(
                 finish(&mut cur_t, &mut cur_w, false, &mut token_count, &mut chunks);
                 last_comma = None;
             }
+            if let Some((e, len)) = names.find_at(&ids, pos) {
+                if cur_t.len() + e.n > CHUNK {
+                    finish(&mut cur_t, &mut cur_w, false, &mut token_count, &mut chunks);
+                    last_comma = None;
+                }
+                cur_t.extend(e.ids());
+                cur_w.extend(std::iter::repeat_n(frag.weight, e.n));
+                pos += len;
+                continue;
+            }
             cur_t.push(id);
             cur_w.push(frag.weight);
+            pos += 1;
         }
     }
     if !cur_t.is_empty() || chunks.is_empty() {
@@ -315,8 +345,18 @@ pub fn a1111_prompt(
     prompt: &str,
     opts: ChunkOptions,
 ) -> Result<(Vec<Chunk>, usize), PromptError> {
+    a1111_prompt_with(tok, prompt, opts, &Placeholders::default())
+}
+
+/// [`a1111_prompt`] with textual-inversion names (see [`a1111_chunks_with`]).
+pub fn a1111_prompt_with(
+    tok: &ClipTokenizer,
+    prompt: &str,
+    opts: ChunkOptions,
+    names: &Placeholders,
+) -> Result<(Vec<Chunk>, usize), PromptError> {
     let fragments = parse_attention(prompt)?;
-    Ok(a1111_chunks(tok, &fragments, opts))
+    Ok(a1111_chunks_with(tok, &fragments, opts, names))
 }
 
 /// kohya sd-scripts' token layout for a caption: `max_token_length` 75, 150 or 225
@@ -327,8 +367,26 @@ pub fn kohya_chunks(
     max_token_length: usize,
     pad: Pad,
 ) -> Vec<Vec<u32>> {
+    kohya_chunks_with(
+        tok,
+        caption,
+        max_token_length,
+        pad,
+        &Placeholders::default(),
+    )
+}
+
+/// [`kohya_chunks`] with textual-inversion names replaced by their vector ids before
+/// the truncation (a name's vectors count as tokens, as in webui).
+pub fn kohya_chunks_with(
+    tok: &ClipTokenizer,
+    caption: &str,
+    max_token_length: usize,
+    pad: Pad,
+    names: &Placeholders,
+) -> Vec<Vec<u32>> {
     let max = max_token_length.max(1).div_ceil(CHUNK) * CHUNK;
-    let ids = tok.encode(caption);
+    let ids = names.encode(tok, caption);
     let len = max + 2;
     let mut full = Vec::with_capacity(len);
     full.push(BOS);
