@@ -1,6 +1,6 @@
-//! Adapters trained on top of a frozen model: LoRA / LoCon (`lora`). Each attaches to the
-//! model's layers through the named-layer walk ([`crate::model::nn::walk`]) and owns its
-//! f32 Vars.
+//! Adapters trained on top of a frozen model: LoRA / LoCon (`lora`), webui hypernetworks
+//! (`hypernetwork`, through the UNet's context hooks). Each owns its f32 Vars.
 
+pub mod hypernetwork;
 pub mod lora;
 pub mod swap;
