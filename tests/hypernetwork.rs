@@ -79,8 +79,8 @@ fn reads_webuis_file_written_by_torch() {
     assert_eq!(names[10], "linear.8.weight");
     // The weights are the file's: the reader's raw value gives the same tensor.
     let raw = torch_pt::load(&fixtures().join("webui_tiny.pt")).unwrap();
-    let Some(Value::Tensor(w)) = raw.get(&Value::Int(16)).unwrap().items().unwrap()[1]
-        .get_str("linear.7.weight")
+    let Some(Value::Tensor(w)) =
+        raw.get(&Value::Int(16)).unwrap().items().unwrap()[1].get_str("linear.7.weight")
     else {
         panic!("no tensor")
     };
@@ -100,7 +100,10 @@ fn check_unet_step(checkpointing: bool) {
     let ck = checkpointing.then(|| Checkpointing::new(hn.vars()));
     m.unet.checkpointing = ck.clone();
     let exp = load("tiny_expected.safetensors");
-    let pred = m.unet.forward(&exp["noisy"], &exp["t"], &exp["ctx"]).unwrap();
+    let pred = m
+        .unet
+        .forward(&exp["noisy"], &exp["t"], &exp["ctx"])
+        .unwrap();
     let e = common::rel_err(&pred, &exp["pred"], 1e-6);
     common::within(e as f64, 1e-5, "UNet output with the hypernetwork");
     let loss = (&pred - &exp["target"])
@@ -110,7 +113,14 @@ fn check_unet_step(checkpointing: bool) {
         .mean_all()
         .unwrap();
     let grads = loss.backward().unwrap();
-    let absmax = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let absmax = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     let scale = exp
         .iter()
         .filter(|(k, _)| k.starts_with("grad."))
@@ -182,7 +192,12 @@ fn every_activation_matches_torch() {
         let y = m.forward(x, 0.7).unwrap();
         let e = common::rel_err(&y, &exp[&format!("{}.out", a.name())], 1e-6);
         common::within(e as f64, 1e-5, &format!("{} output", a.name()));
-        let g = (&y * &exp["r"]).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (&y * &exp["r"])
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (n, v) in m.named_vars() {
             let want = &exp[&format!("{}.grad.{n}", a.name())];
             let e = common::rel_err(g.get(v.as_tensor()).unwrap(), want, 1e-8);
@@ -225,7 +240,10 @@ fn dropout_follows_its_key() {
     hn.set_dropout_key(0);
     let back = m.forward(&x, 1.0).unwrap();
     assert_eq!(common::rel_err(&a, &b, 1e-6), 0.0, "same key, same masks");
-    assert!(common::rel_err(&a, &c, 1e-6) > 1e-3, "another key, other masks");
+    assert!(
+        common::rel_err(&a, &c, 1e-6) > 1e-3,
+        "another key, other masks"
+    );
     assert!(common::rel_err(&a, &off, 1e-6) > 1e-3, "dropout on");
     assert_eq!(common::rel_err(&back, &off, 1e-6), 0.0, "key 0: off");
 }
@@ -243,14 +261,33 @@ fn create_draws_webuis_init_reproducibly() {
     for ((n, x), (_, y)) in ta.iter().zip(&tb) {
         assert_eq!(common::rel_err(x, y, 1e-12), 0.0, "{n}");
     }
-    let w = &ta.iter().find(|(n, _)| n == "320.k.linear.0.weight").unwrap().1;
+    let w = &ta
+        .iter()
+        .find(|(n, _)| n == "320.k.linear.0.weight")
+        .unwrap()
+        .1;
     assert_eq!(w.dims(), &[640, 320]);
     let v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
     let std = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
     assert!((std - 0.01).abs() < 0.0005, "std {std}");
-    let bias = &ta.iter().find(|(n, _)| n == "1280.v.linear.1.bias").unwrap().1;
-    assert_eq!(bias.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
-    assert_eq!(a.num_params(), 2 * widths.iter().map(|d| 4 * d * d + 3 * d).sum::<usize>());
+    let bias = &ta
+        .iter()
+        .find(|(n, _)| n == "1280.v.linear.1.bias")
+        .unwrap()
+        .1;
+    assert_eq!(
+        bias.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    assert_eq!(
+        a.num_params(),
+        2 * widths.iter().map(|d| 4 * d * d + 3 * d).sum::<usize>()
+    );
     let x = Hypernetwork::create(
         &HypernetworkShape {
             weight_init: WeightInit::XavierUniform,
@@ -261,7 +298,12 @@ fn create_draws_webuis_init_reproducibly() {
         &Device::Cpu,
     )
     .unwrap();
-    let w: Vec<f32> = x.named_vars()[0].1.flatten_all().unwrap().to_vec1().unwrap();
+    let w: Vec<f32> = x.named_vars()[0]
+        .1
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let bound = (6.0f32 / 24.0).sqrt();
     assert!(w.iter().all(|v| v.abs() <= bound) && w.iter().any(|v| v.abs() > bound / 2.0));
 }
@@ -270,13 +312,8 @@ fn create_draws_webuis_init_reproducibly() {
 fn state_tensors_round_trip_and_reject_other_shapes() {
     let hn = webui_net();
     let t: BTreeMap<String, Tensor> = hn.tensors().unwrap().into_iter().collect();
-    let other = Hypernetwork::create(
-        &hn.shape,
-        &[32, 16],
-        &mut Rng::new(9),
-        &common::device(),
-    )
-    .unwrap();
+    let other =
+        Hypernetwork::create(&hn.shape, &[32, 16], &mut Rng::new(9), &common::device()).unwrap();
     other.load_tensors(&t).unwrap();
     for ((n, a), (_, b)) in hn.tensors().unwrap().iter().zip(other.tensors().unwrap()) {
         assert_eq!(common::rel_err(a, &b, 1e-12), 0.0, "{n}");
@@ -294,7 +331,9 @@ fn state_tensors_round_trip_and_reject_other_shapes() {
 
 /// A Python with torch: $REFPY (../shared/scripts/refenv.sh), else python3 if it has torch.
 fn python_with_torch() -> Option<String> {
-    let candidates = std::env::var("REFPY").into_iter().chain(["python3".to_string()]);
+    let candidates = std::env::var("REFPY")
+        .into_iter()
+        .chain(["python3".to_string()]);
     candidates.into_iter().find(|p| {
         std::process::Command::new(p)
             .args(["-c", "import torch"])
@@ -420,5 +459,100 @@ fn written_pt_loads_in_torch_and_webuis_module() {
                 "width {w} module {j}: {ours} vs webui's {theirs}"
             );
         }
+    }
+}
+
+fn sample(out: &Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sdkit"))
+        .args(["sample", "--model"])
+        .arg(common::checkpoints().join("sd1_diffusers"))
+        .args([
+            "--prompt",
+            "a photo of a cat",
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+        ])
+        .args([
+            "--width", "32", "--height", "32", "--quiet", "--json", "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// `sdkit sample --hypernetwork FILE[:STRENGTH]`: strength 0 gives the image without
+/// it, 1 another one; the PNG carries webui's `Hypernet` / `Hypernet hash` /
+/// `Hypernet strength`; a file for other widths or a broken file is a one-line error.
+#[test]
+fn sample_applies_a_webui_hypernetwork() {
+    let out = tempfile::tempdir().unwrap();
+    let file = fixtures().join("webui_tiny.pt");
+    let image = |extra: &[&str]| {
+        let o = sample(out.path(), extra);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let png = PathBuf::from(rep["images"][0].as_str().unwrap());
+        (image::open(&png).unwrap().to_rgb8().into_raw(), png, rep)
+    };
+    let (plain, _, _) = image(&[]);
+    let zero = format!("{}:0", file.display());
+    let (at0, png0, rep) = image(&["--hypernetwork", &zero]);
+    assert_eq!(rep["hypernetwork"]["widths"], serde_json::json!([32]));
+    assert_eq!(plain, at0, "strength 0 changes the image");
+    let one = file.display().to_string();
+    let (at1, png1, _) = image(&["--hypernetwork", &one]);
+    let diff = plain
+        .iter()
+        .zip(&at1)
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    assert!(
+        diff > 5,
+        "the hypernetwork changes the image by only {diff} levels"
+    );
+    let hash = sdkit::formats::png_params::short_hash(&file).unwrap();
+    let params = |p: &Path| {
+        let text = sdkit::formats::png_params::read_parameters(p)
+            .unwrap()
+            .unwrap();
+        sdkit::formats::png_params::parse(&text)
+    };
+    let t0 = params(&png0);
+    assert_eq!(t0.get("Hypernet"), Some("webui_tiny"));
+    assert_eq!(t0.get("Hypernet hash"), Some(hash.as_str()));
+    assert_eq!(t0.get("Hypernet strength"), Some("0.0"));
+    let t1 = params(&png1);
+    assert_eq!(t1.get("Hypernet"), Some("webui_tiny"));
+    assert_eq!(t1.get("Hypernet strength"), None, "webui omits strength 1");
+
+    // A network for other widths (an SD2 file on SD1, say) is refused, naming the file.
+    let other = out.path().join("other.pt");
+    Hypernetwork::create(
+        &HypernetworkShape::default(),
+        &[24],
+        &mut Rng::new(1),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .save_pt(&other, &PtMeta::default())
+    .unwrap();
+    let broken = out.path().join("broken.pt");
+    std::fs::write(&broken, b"not a torch file").unwrap();
+    for (f, why) in [
+        (&other, "no context width"),
+        (&broken, "not a torch zip file"),
+    ] {
+        let o = sample(out.path(), &["--hypernetwork", f.to_str().unwrap()]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(f.to_str().unwrap()) && err.contains(why),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 }

@@ -50,7 +50,8 @@ pub enum Precision {
     sdkit sample --model v1-5-pruned-emaonly.safetensors --prompt \"a photo of a cat\" --seed 1\n  \
     sdkit sample --model sd2-diffusers/ --prompt \"(red hair:1.2), portrait\" --negative lowres \\\n    \
     --sampler dpm++2m-karras --steps 25 --width 768 --height 768 --count 4 --out samples/\n  \
-    sdkit sample --model model.safetensors --prompt \"ohwx, portrait\" --lora lora/ron.safetensors:0.8\n\n\
+    sdkit sample --model model.safetensors --prompt \"ohwx, portrait\" --lora lora/ron.safetensors:0.8\n  \
+    sdkit sample --model model.safetensors --prompt \"a castle\" --hypernetwork hn/ink.pt:0.6\n\n\
 Checkpoints: a diffusers folder, a single-file .safetensors or a .ckpt (SD 1.x / 2.x).\n\
 A <name>.yaml next to a single file is read like webui does (parameterization: v).")]
 pub struct SampleArgs {
@@ -95,6 +96,10 @@ pub struct SampleArgs {
     /// `<lora:name:weight>`); repeatable. Keys that match no layer are listed.
     #[arg(long, value_name = "FILE[:WEIGHT]")]
     pub lora: Vec<String>,
+    /// An AUTOMATIC1111 hypernetwork `.pt` (webui's or `sdkit train hypernetwork`'s) with
+    /// an optional strength (webui's `<hypernet:name:strength>`, default 1).
+    #[arg(long, value_name = "FILE[:STRENGTH]")]
+    pub hypernetwork: Option<String>,
     /// Where to compute (`cuda` needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -126,6 +131,7 @@ impl Default for SampleArgs {
             prediction: None,
             precision: Precision::F32,
             lora: vec![],
+            hypernetwork: None,
             device: DeviceArg::Cpu,
             out: "samples".into(),
             json: false,
@@ -143,6 +149,18 @@ struct Report {
     seeds: Vec<u64>,
     seconds: f64,
     loras: Vec<AppliedLora>,
+    hypernetwork: Option<AppliedHypernetwork>,
+}
+
+#[derive(Serialize)]
+struct AppliedHypernetwork {
+    file: PathBuf,
+    strength: f64,
+    /// The file's context widths that this model's attention layers have.
+    widths: Vec<usize>,
+    /// webui's infotext values: `Hypernet` (file stem), `Hypernet hash`.
+    name: String,
+    hash: String,
 }
 
 #[derive(Serialize)]
@@ -209,6 +227,60 @@ fn apply_loras(models: &mut Models, args: &[String]) -> anyhow::Result<(Vec<Appl
     Ok((applied, hashes.join(", ")))
 }
 
+/// Attach `--hypernetwork FILE[:STRENGTH]` to the UNet.
+fn apply_hypernetwork(
+    models: &mut Models,
+    arg: &str,
+    device: &Device,
+) -> anyhow::Result<AppliedHypernetwork> {
+    use crate::adapters::hypernetwork::{Hypernetwork, default_widths};
+    let (file, strength) = parse_lora(arg);
+    let hn = Hypernetwork::load(&file, device).map_err(anyhow::Error::msg)?;
+    let have = default_widths(&models.unet.config);
+    let widths: Vec<usize> = hn
+        .modules
+        .iter()
+        .map(|(w, _)| *w)
+        .filter(|w| have.contains(w))
+        .collect();
+    if widths.is_empty() {
+        bail!(
+            "{}: no context width of this hypernetwork ({:?}) is one of this model's ({have:?}): made for another model",
+            file.display(),
+            hn.modules.iter().map(|(w, _)| *w).collect::<Vec<_>>()
+        );
+    }
+    hn.attach(&mut models.unet, strength);
+    let hash = png_params::short_hash(&file)
+        .with_context(|| format!("{}: cannot hash", file.display()))?;
+    let name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(AppliedHypernetwork {
+        file,
+        strength,
+        widths,
+        name,
+        hash,
+    })
+}
+
+/// webui's infotext pairs of a hypernetwork (`Hypernet strength` only when not 1).
+fn hypernet_params(h: &AppliedHypernetwork) -> Vec<(String, String)> {
+    let mut v = vec![
+        ("Hypernet".to_string(), h.name.clone()),
+        ("Hypernet hash".to_string(), h.hash.clone()),
+    ];
+    if h.strength != 1.0 {
+        v.push((
+            "Hypernet strength".to_string(),
+            format!("{:?}", h.strength), // Python's float repr: 0.6, 2.0
+        ));
+    }
+    v
+}
+
 /// The next free webui-style index in `dir` (files named `NNNNN-…`).
 fn next_index(dir: &Path) -> usize {
     std::fs::read_dir(dir)
@@ -267,6 +339,17 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
     let ck = loader::open(&model, &opts)?;
     let mut models = Models::new(ck)?;
     let (loras, lora_hashes) = apply_loras(&mut models, &a.lora)?;
+    let hypernetwork = match &a.hypernetwork {
+        Some(h) => Some(apply_hypernetwork(&mut models, h, &device)?),
+        None => None,
+    };
+    let mut extra = Vec::new();
+    if !lora_hashes.is_empty() {
+        extra.push(("Lora hashes".to_string(), lora_hashes.clone()));
+    }
+    if let Some(h) = &hypernetwork {
+        extra.extend(hypernet_params(h));
+    }
     let shape = models.latent_shape(a.width, a.height)?;
     let (hash, name) = png_params::model_hash_and_name(&model)
         .with_context(|| format!("{}: cannot hash", model.display()))?;
@@ -305,11 +388,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
             model_hash: hash.clone(),
             model: Some(name.clone()),
             clip_skip: a.clip_skip,
-            extra: if lora_hashes.is_empty() {
-                vec![]
-            } else {
-                vec![("Lora hashes".to_string(), lora_hashes.clone())]
-            },
+            extra: extra.clone(),
         };
         let path = a.out.join(format!("{index:05}-{seed}.png"));
         index += 1;
@@ -333,6 +412,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         seeds,
         seconds: started.elapsed().as_secs_f64(),
         loras,
+        hypernetwork,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

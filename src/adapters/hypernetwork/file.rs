@@ -83,7 +83,9 @@ impl Hypernetwork {
 
     /// Write webui's `.pt` (f32 weights) atomically.
     pub fn save_pt(&self, path: &Path, meta: &PtMeta) -> Result<(), String> {
-        let v = self.to_value(meta).map_err(|e| format!("{}: {e}", path.display()))?;
+        let v = self
+            .to_value(meta)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         torch_pt::save(path, &v).map_err(|e| e.to_string())
     }
 

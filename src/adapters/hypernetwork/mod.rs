@@ -110,7 +110,10 @@ impl Hypernetwork {
         self.named_vars()
             .into_iter()
             .map(|(n, v)| {
-                let t = v.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let t = v
+                    .as_tensor()
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?;
                 Ok((n, t))
             })
             .collect()
@@ -118,7 +121,10 @@ impl Hypernetwork {
 
     /// Set the weights from [`Hypernetwork::tensors`] (a resumed run): every name must be
     /// present with its shape, and nothing else.
-    pub fn load_tensors(&self, tensors: &BTreeMap<String, Tensor>) -> std::result::Result<(), String> {
+    pub fn load_tensors(
+        &self,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> std::result::Result<(), String> {
         let named = self.named_vars();
         for (n, var) in &named {
             let t = tensors
@@ -155,9 +161,8 @@ impl Hypernetwork {
     /// The context transforms of one width at `strength`.
     pub fn transforms(&self, index: usize, strength: f64) -> (ContextFn, ContextFn) {
         let [k, v] = self.modules[index].1.clone();
-        let f = |m: Arc<HnModule>| -> ContextFn {
-            Arc::new(move |x: &Tensor| m.forward(x, strength))
-        };
+        let f =
+            |m: Arc<HnModule>| -> ContextFn { Arc::new(move |x: &Tensor| m.forward(x, strength)) };
         (f(k), f(v))
     }
 

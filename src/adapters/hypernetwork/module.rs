@@ -220,8 +220,20 @@ mod tests {
             match a {
                 Activation::Linear => x,
                 Activation::Relu => x.max(0.0),
-                Activation::Leakyrelu => if x > 0.0 { x } else { 0.01 * x },
-                Activation::Elu => if x > 0.0 { x } else { x.exp() - 1.0 },
+                Activation::Leakyrelu => {
+                    if x > 0.0 {
+                        x
+                    } else {
+                        0.01 * x
+                    }
+                }
+                Activation::Elu => {
+                    if x > 0.0 {
+                        x
+                    } else {
+                        x.exp() - 1.0
+                    }
+                }
                 Activation::Swish => x * (x + 3.0).clamp(0.0, 6.0) / 6.0,
                 Activation::Tanh => x.tanh(),
                 Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
@@ -239,7 +251,11 @@ mod tests {
             for (i, &x) in xs.iter().enumerate() {
                 let x = x as f64;
                 let want = reference(a, x);
-                assert!((got[i] as f64 - want).abs() < 1e-5, "{a:?}({x}) = {} not {want}", got[i]);
+                assert!(
+                    (got[i] as f64 - want).abs() < 1e-5,
+                    "{a:?}({x}) = {} not {want}",
+                    got[i]
+                );
                 let e = 1e-4;
                 let fd = (reference(a, x + e) - reference(a, x - e)) / (2.0 * e);
                 let gi = grad.as_ref().map(|g| g[i] as f64).unwrap_or(0.0);

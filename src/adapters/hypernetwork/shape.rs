@@ -100,7 +100,12 @@ impl WeightInit {
 pub struct HypernetworkShape {
     /// Layer widths as multiples of the context width; starts and ends with 1
     /// (webui's "1, 2, 1": Linear(d, 2d), Linear(2d, d)).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,1", value_name = "LIST")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,1",
+        value_name = "LIST"
+    )]
     pub layer_structure: Vec<f64>,
     /// Activation after each linear layer but the last (see --activate-output).
     #[arg(long, value_enum, default_value_t = Activation::Linear)]
@@ -220,7 +225,10 @@ impl HypernetworkShape {
 }
 
 fn join(v: &[f64]) -> String {
-    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
@@ -255,6 +263,9 @@ mod tests {
         };
         assert!(s.validate().unwrap_err().contains("one entry per"));
         assert!(HypernetworkShape::default().validate().is_ok());
-        assert_eq!(HypernetworkShape::default().widths(320), vec![320, 640, 320]);
+        assert_eq!(
+            HypernetworkShape::default().widths(320),
+            vec![320, 640, 320]
+        );
     }
 }

@@ -276,10 +276,7 @@ mod tests {
         let v = Value::Dict(vec![(Value::str("a"), Value::Tensor(t))]);
         let bytes = to_bytes(&v).unwrap();
         let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
-        let mut sorted: Vec<String> = zip
-            .file_names()
-            .map(|n| n.unwrap().into_owned())
-            .collect();
+        let mut sorted: Vec<String> = zip.file_names().map(|n| n.unwrap().into_owned()).collect();
         sorted.sort();
         assert_eq!(
             sorted,

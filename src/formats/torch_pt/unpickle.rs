@@ -128,7 +128,10 @@ fn rebuild_tensor(args: Vec<Obj>) -> Result<Value, String> {
     let offset = it.next().map(value).transpose()?.and_then(|v| v.as_int());
     let offset = offset.ok_or("bad tensor offset")? as usize;
     let size = usizes(&it.next().map(value).transpose()?.ok_or("no size")?, "size")?;
-    let stride = usizes(&it.next().map(value).transpose()?.ok_or("no stride")?, "stride")?;
+    let stride = usizes(
+        &it.next().map(value).transpose()?.ok_or("no stride")?,
+        "stride",
+    )?;
     if size.len() != stride.len() {
         return Err("tensor size and stride differ in length".into());
     }
@@ -342,7 +345,11 @@ pub(super) fn unpickle(
                 memo.insert(i, stack.last().ok_or("stack underflow")?.clone());
             }
             BINGET | LONG_BINGET => {
-                let i = if op == BINGET { r.u8()? as u32 } else { r.u32()? };
+                let i = if op == BINGET {
+                    r.u8()? as u32
+                } else {
+                    r.u32()?
+                };
                 stack.push(memo.get(&i).cloned().ok_or("memo key missing")?);
             }
             _ => {
@@ -365,11 +372,12 @@ fn persistent(
         return Err("unsupported persistent id".into());
     };
     let (class, key) = match items.as_slice() {
-        [Obj::V(Value::Str(tag)), Obj::Global(m, class), Obj::V(Value::Str(key)), ..]
-            if tag == "storage" && m == "torch" =>
-        {
-            (class.clone(), key.clone())
-        }
+        [
+            Obj::V(Value::Str(tag)),
+            Obj::Global(m, class),
+            Obj::V(Value::Str(key)),
+            ..,
+        ] if tag == "storage" && m == "torch" => (class.clone(), key.clone()),
         _ => return Err("unsupported persistent id".into()),
     };
     let dtype = storage_dtype(&class).ok_or(format!("unsupported storage torch.{class}"))?;
