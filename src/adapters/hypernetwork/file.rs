@@ -242,3 +242,72 @@ fn fill(m: &HnModule, sd: &Value, device: &Device) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: Vec<f32>, shape: &[usize]) -> Value {
+        Value::Tensor(Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+    }
+
+    /// A file from webui's first versions: `linear1` / `linear2` keys, no shape keys.
+    fn old_sd() -> Value {
+        Value::OrderedDict(vec![
+            (
+                Value::str("linear1.weight"),
+                t(vec![1., 0., 0., 1., 1., 1., 0., 2.], &[4, 2]),
+            ),
+            (Value::str("linear1.bias"), t(vec![0., 0., 1., 0.], &[4])),
+            (
+                Value::str("linear2.weight"),
+                t(vec![1., 0., 0., 0., 0., 0., 0., 1.], &[2, 4]),
+            ),
+            (Value::str("linear2.bias"), t(vec![0.5, -0.5], &[2])),
+        ])
+    }
+
+    #[test]
+    fn old_files_read_with_webuis_defaults() {
+        let v = Value::Dict(vec![
+            (Value::Int(2), Value::Tuple(vec![old_sd(), old_sd()])),
+            (Value::str("name"), Value::str("old")),
+        ]);
+        let hn = Hypernetwork::from_value(&v, &Device::Cpu).unwrap();
+        assert_eq!(hn.shape.layer_structure, vec![1.0, 2.0, 1.0]);
+        assert_eq!(hn.shape.activation_func, Activation::Linear);
+        assert!(
+            hn.shape.activate_output,
+            "webui's default for files without the key"
+        );
+        assert_eq!(hn.shape.dropout(), vec![0.0, 0.0, 0.0]);
+        assert_eq!(hn.meta.name, "old");
+        // x + W2 (W1 x + b1) + b2 for x = [1, 2]: W1 x + b1 = [1, 2, 4, 4],
+        // W2 (.) + b2 = [1.5, 3.5], plus x: [2.5, 5.5].
+        let x = Tensor::new(&[[1f32, 2.]], &Device::Cpu).unwrap();
+        let y = hn.modules[0].1[1].forward(&x, 1.0).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![2.5, 5.5]]);
+    }
+
+    #[test]
+    fn mismatches_are_named() {
+        let v = |extra: (Value, Value)| {
+            Value::Dict(vec![
+                (Value::Int(2), Value::Tuple(vec![old_sd(), old_sd()])),
+                extra,
+            ])
+        };
+        let e = Hypernetwork::from_value(
+            &v((Value::str("activation_func"), Value::str("softsign"))),
+            &Device::Cpu,
+        )
+        .unwrap_err();
+        assert!(e.contains("activation_func `softsign`"), "{e}");
+        let three = Value::List(vec![Value::Int(1), Value::Int(3), Value::Int(1)]);
+        let e = Hypernetwork::from_value(&v((Value::str("layer_structure"), three)), &Device::Cpu)
+            .unwrap_err();
+        assert!(e.contains("has shape [4, 2]"), "{e}");
+        let e = Hypernetwork::from_value(&Value::Dict(vec![]), &Device::Cpu).unwrap_err();
+        assert!(e.contains("not a hypernetwork"), "{e}");
+    }
+}

@@ -7,6 +7,12 @@
 //! context is the hidden states), as webui applies them. Weights are f32 `Var`s read
 //! through [`param`](crate::model::grad::param) and cast to the activation dtype. Files are
 //! webui's `.pt` ([`file`]).
+//!
+//! For the training engine (`train::method::Method`): `create` (or `load` to continue a
+//! file), `attach(unet, 1.0)` (webui trains at multiplier 1), `vars()` as the one group,
+//! `identity()`, `set_dropout_key`, `tensors()` / `load_tensors()` for states, and
+//! `save_pt(path, &PtMeta { name, step, sd_checkpoint, .. })` for the output (`.pt`, f32
+//! as webui writes it). With gradient checkpointing, pass `vars()` to `Checkpointing::new`.
 
 pub mod file;
 pub mod module;
