@@ -51,7 +51,8 @@ pub enum Precision {
     sdkit sample --model sd2-diffusers/ --prompt \"(red hair:1.2), portrait\" --negative lowres \\\n    \
     --sampler dpm++2m-karras --steps 25 --width 768 --height 768 --count 4 --out samples/\n  \
     sdkit sample --model model.safetensors --prompt \"ohwx, portrait\" --lora lora/ron.safetensors:0.8\n  \
-    sdkit sample --model model.safetensors --prompt \"a photo of mycat\" --embeddings embeddings/\n\n\
+    sdkit sample --model model.safetensors --prompt \"a photo of mycat\" --embeddings embeddings/\n  \
+    sdkit sample --model model.safetensors --prompt \"a castle\" --hypernetwork hn/ink.pt:0.6\n\n\
 Checkpoints: a diffusers folder, a single-file .safetensors or a .ckpt (SD 1.x / 2.x).\n\
 A <name>.yaml next to a single file is read like webui does (parameterization: v).")]
 pub struct SampleArgs {
@@ -100,6 +101,10 @@ pub struct SampleArgs {
     /// .safetensors / .pt / .bin file in it is used by writing its file stem in the prompt.
     #[arg(long, value_name = "DIR")]
     pub embeddings: Option<PathBuf>,
+    /// An AUTOMATIC1111 hypernetwork `.pt` (webui's or `sdkit train hypernetwork`'s) with
+    /// an optional strength (webui's `<hypernet:name:strength>`, default 1).
+    #[arg(long, value_name = "FILE[:STRENGTH]")]
+    pub hypernetwork: Option<String>,
     /// Where to compute (`cuda` needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -132,6 +137,7 @@ impl Default for SampleArgs {
             precision: Precision::F32,
             lora: vec![],
             embeddings: None,
+            hypernetwork: None,
             device: DeviceArg::Cpu,
             out: "samples".into(),
             json: false,
@@ -151,6 +157,18 @@ struct Report {
     loras: Vec<AppliedLora>,
     /// Embedding names found in the prompts.
     embeddings_used: Vec<String>,
+    hypernetwork: Option<AppliedHypernetwork>,
+}
+
+#[derive(Serialize)]
+struct AppliedHypernetwork {
+    file: PathBuf,
+    strength: f64,
+    /// The file's context widths that this model's attention layers have.
+    widths: Vec<usize>,
+    /// webui's infotext values: `Hypernet` (file stem), `Hypernet hash`.
+    name: String,
+    hash: String,
 }
 
 #[derive(Serialize)]
@@ -248,6 +266,60 @@ fn attach_embeddings(
     Ok((used, hashes))
 }
 
+/// Attach `--hypernetwork FILE[:STRENGTH]` to the UNet.
+fn apply_hypernetwork(
+    models: &mut Models,
+    arg: &str,
+    device: &Device,
+) -> anyhow::Result<AppliedHypernetwork> {
+    use crate::adapters::hypernetwork::{Hypernetwork, default_widths};
+    let (file, strength) = parse_lora(arg);
+    let hn = Hypernetwork::load(&file, device).map_err(anyhow::Error::msg)?;
+    let have = default_widths(&models.unet.config);
+    let widths: Vec<usize> = hn
+        .modules
+        .iter()
+        .map(|(w, _)| *w)
+        .filter(|w| have.contains(w))
+        .collect();
+    if widths.is_empty() {
+        bail!(
+            "{}: no context width of this hypernetwork ({:?}) is one of this model's ({have:?}): made for another model",
+            file.display(),
+            hn.modules.iter().map(|(w, _)| *w).collect::<Vec<_>>()
+        );
+    }
+    hn.attach(&mut models.unet, strength);
+    let hash = png_params::short_hash(&file)
+        .with_context(|| format!("{}: cannot hash", file.display()))?;
+    let name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(AppliedHypernetwork {
+        file,
+        strength,
+        widths,
+        name,
+        hash,
+    })
+}
+
+/// webui's infotext pairs of a hypernetwork (`Hypernet strength` only when not 1).
+fn hypernet_params(h: &AppliedHypernetwork) -> Vec<(String, String)> {
+    let mut v = vec![
+        ("Hypernet".to_string(), h.name.clone()),
+        ("Hypernet hash".to_string(), h.hash.clone()),
+    ];
+    if h.strength != 1.0 {
+        v.push((
+            "Hypernet strength".to_string(),
+            format!("{:?}", h.strength), // Python's float repr: 0.6, 2.0
+        ));
+    }
+    v
+}
+
 /// The next free webui-style index in `dir` (files named `NNNNN-…`).
 fn next_index(dir: &Path) -> usize {
     std::fs::read_dir(dir)
@@ -310,6 +382,20 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         Some(dir) => attach_embeddings(&mut models, dir, &prompt, &a.negative, a.quiet)?,
         None => (vec![], String::new()),
     };
+    let hypernetwork = match &a.hypernetwork {
+        Some(h) => Some(apply_hypernetwork(&mut models, h, &device)?),
+        None => None,
+    };
+    let mut extra = Vec::new();
+    if !ti_hashes.is_empty() {
+        extra.push(("TI hashes".to_string(), ti_hashes.clone()));
+    }
+    if !lora_hashes.is_empty() {
+        extra.push(("Lora hashes".to_string(), lora_hashes.clone()));
+    }
+    if let Some(h) = &hypernetwork {
+        extra.extend(hypernet_params(h));
+    }
     let shape = models.latent_shape(a.width, a.height)?;
     let (hash, name) = png_params::model_hash_and_name(&model)
         .with_context(|| format!("{}: cannot hash", model.display()))?;
@@ -348,11 +434,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
             model_hash: hash.clone(),
             model: Some(name.clone()),
             clip_skip: a.clip_skip,
-            extra: [("TI hashes", &ti_hashes), ("Lora hashes", &lora_hashes)]
-                .into_iter()
-                .filter(|(_, v)| !v.is_empty())
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
+            extra: extra.clone(),
         };
         let path = a.out.join(format!("{index:05}-{seed}.png"));
         index += 1;
@@ -377,6 +459,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         seconds: started.elapsed().as_secs_f64(),
         loras,
         embeddings_used,
+        hypernetwork,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

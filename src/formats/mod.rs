@@ -4,8 +4,10 @@
 //! `safetensors`: reading tensors one at a time (peak memory = the tensors, not twice);
 //! writing and reading small files with metadata (adapters, states, latents).
 //! `kohya_lora`: LoRA files with kohya's metadata and hashes. `tensorboard`: event files.
+//! `torch_pt`: torch's zip-pickle `.pt` (webui hypernetworks and embeddings).
 
 pub mod kohya_lora;
 pub mod png_params;
 pub mod safetensors;
 pub mod tensorboard;
+pub mod torch_pt;

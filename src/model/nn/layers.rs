@@ -33,7 +33,7 @@ pub struct Dropout {
 impl Dropout {
     /// `h` with each element zeroed with probability `p` and the rest scaled by 1/(1-p)
     /// (torch's `F.dropout`); `h` unchanged when the key is 0.
-    fn apply(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn apply(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         let key = self.key.load(std::sync::atomic::Ordering::Relaxed);
         if key == 0 || self.p <= 0.0 {
             return Ok(h.clone());
