@@ -364,20 +364,12 @@ impl TrainableEmbedding {
 
     /// Restores what [`tensors`](Self::tensors) gave.
     pub fn load_tensors(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), String> {
-        let t = tensors
-            .get(KOHYA_KEY)
-            .ok_or_else(|| format!("no `{KOHYA_KEY}` tensor in the state"))?;
-        if t.dims() != self.var.dims() {
-            return Err(format!(
-                "`{KOHYA_KEY}` has shape {:?}, the embedding {:?}",
-                t.dims(),
-                self.var.dims()
-            ));
-        }
-        t.to_dtype(DType::F32)
-            .and_then(|t| t.to_device(self.var.device()))
-            .and_then(|t| self.var.set(&t))
-            .map_err(|e| e.to_string())
+        super::restore_var(
+            &self.var,
+            tensors,
+            KOHYA_KEY,
+            "another --num-vectors-per-token?",
+        )
     }
 
     /// Writes the current vectors (see [`Embedding::save`]).

@@ -237,21 +237,12 @@ impl LoraNetwork {
         for m in &self.modules {
             for (suffix, var) in [("lora_down.weight", &m.down), ("lora_up.weight", &m.up)] {
                 let key = format!("{}.{suffix}", m.name);
-                let t = tensors
-                    .get(&key)
-                    .ok_or_else(|| format!("missing `{key}` (another network shape?)"))?;
-                if t.dims() != var.dims() {
-                    return Err(format!(
-                        "`{key}` has shape {:?}, this network has {:?} (another --network-dim?)",
-                        t.dims(),
-                        var.dims()
-                    ));
-                }
-                let t = t
-                    .to_dtype(DType::F32)
-                    .and_then(|t| t.to_device(var.device()))
-                    .map_err(|e| e.to_string())?;
-                var.set(&t).map_err(|e| e.to_string())?;
+                super::restore_var(
+                    var,
+                    tensors,
+                    &key,
+                    "another network shape or --network-dim?",
+                )?;
                 used += 1;
             }
             used += tensors.contains_key(&format!("{}.alpha", m.name)) as usize;

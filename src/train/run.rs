@@ -174,21 +174,26 @@ pub fn encode_captions(
     Tensor::cat(&parts, 1)
 }
 
-/// Rough peak memory of a step: weights, adapter (weights, gradients, two moments),
-/// and activations (measured: ~3.2 GB per 64x64 latent image for the SD1.5 UNet's
-/// forward + backward in f32, scaled by latent area, batch and element size).
+/// Rough peak memory of a step: weights, adapter (weights, gradients, two moments), the
+/// run's own overhead, and activations. Calibrated on the SD1.5 LoRA benchmark
+/// (BENCHMARKS.md, 512 px, batch 1, f32): peak RSS 11.0 GB, 5.96 GB with gradient
+/// checkpointing, i.e. ~5.7 GB of activations per 64x64 latent image (~0.7 GB when
+/// recomputed), scaled by latent area, batch and element size.
 fn memory_estimate(models: &Models, params: usize, ds: &Dataset, o: &TrainOptions) -> f64 {
     let (batch, dt) = (o.batch_size, dtype(o.mixed_precision));
     let w = models.info.unet.block_out_channels.iter().sum::<usize>() as f64 / 2880.0;
     let weights_gb = 4.3 * w * dt.size_in_bytes() as f64 / 4.0;
     let adapter_gb = params as f64 * 4.0 * 4.0 / 1e9;
+    let overhead_gb = 0.9 * w;
     let max_area = ds
         .bucket_counts()
         .iter()
         .map(|((bw, bh), _)| (*bw as f64 / 8.0) * (*bh as f64 / 8.0))
         .fold(0.0, f64::max);
-    let act_gb = 3.2 * w * (max_area / 4096.0) * batch as f64 * dt.size_in_bytes() as f64 / 4.0;
-    ((weights_gb + adapter_gb + act_gb) * 10.0).round() / 10.0
+    let per_image = if o.gradient_checkpointing { 0.7 } else { 5.7 };
+    let act_gb =
+        per_image * w * (max_area / 4096.0) * batch as f64 * dt.size_in_bytes() as f64 / 4.0;
+    ((weights_gb + adapter_gb + overhead_gb + act_gb) * 10.0).round() / 10.0
 }
 
 /// Periodic save files of a run (`NAME-000004.safetensors`, `NAME-step00000100...`),

@@ -133,21 +133,12 @@ impl Hypernetwork {
     ) -> std::result::Result<(), String> {
         let named = self.named_vars();
         for (n, var) in &named {
-            let t = tensors
-                .get(n)
-                .ok_or_else(|| format!("missing `{n}` (another hypernetwork shape?)"))?;
-            if t.dims() != var.dims() {
-                return Err(format!(
-                    "`{n}` has shape {:?}, this hypernetwork has {:?} (another --layer-structure?)",
-                    t.dims(),
-                    var.dims()
-                ));
-            }
-            let t = t
-                .to_dtype(DType::F32)
-                .and_then(|t| t.to_device(var.device()))
-                .map_err(|e| e.to_string())?;
-            var.set(&t).map_err(|e| e.to_string())?;
+            super::restore_var(
+                var,
+                tensors,
+                n,
+                "another hypernetwork shape or --layer-structure?",
+            )?;
         }
         if tensors.len() != named.len() {
             let known: std::collections::HashSet<&str> =

@@ -14,7 +14,7 @@
 //! `f` must compute the same function both times: dropout masks come from a key fixed for
 //! the step (see `layers::Dropout`), so the recomputation draws the same masks.
 
-use super::grad::{cpu_storage, no_grad, with_grad};
+use super::grad::{Handover, no_grad, with_grad};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -78,7 +78,7 @@ impl Checkpointing {
             a.clone()
         };
         let op = Recompute {
-            out: Mutex::new(Some(y)),
+            out: Handover::new(y),
             f,
             sink: self.clone(),
             a_needed: !forced,
@@ -104,20 +104,10 @@ impl Checkpointing {
 }
 
 struct Recompute {
-    out: Mutex<Option<Tensor>>,
+    out: Handover,
     f: Block2,
     sink: Arc<Checkpointing>,
     a_needed: bool,
-}
-
-impl Recompute {
-    fn take(&self) -> Result<Tensor> {
-        self.out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint: forward run twice".into()))
-    }
 }
 
 impl CustomOp2 for Recompute {
@@ -132,7 +122,7 @@ impl CustomOp2 for Recompute {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_storage(&self.take()?.contiguous()?)
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -143,15 +133,7 @@ impl CustomOp2 for Recompute {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let t = self.take()?.contiguous()?;
-        let (s, l) = t.storage_and_layout();
-        match &*s {
-            candle_core::Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => Err(candle_core::Error::Msg(
-                "checkpoint: result not on the CUDA device".into(),
-            )),
-        }
+        self.out.cuda()
     }
 
     fn bwd(

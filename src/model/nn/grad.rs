@@ -71,7 +71,7 @@ pub fn input_grad_only(
     }
     let y = f(&x.detach())?;
     let op = Precomputed {
-        out: Mutex::new(Some(y)),
+        out: Handover::new(y),
         bwd: Box::new(bwd),
     };
     x.apply_op1(op)
@@ -144,17 +144,14 @@ pub fn with_backward2(
     }
     let y = f(&a.detach(), &b.detach())?;
     let op = Precomputed2 {
-        inner: Precomputed {
-            out: Mutex::new(Some(y)),
-            bwd: Box::new(|g| Ok(g.clone())),
-        },
+        out: Handover::new(y),
         bwd: Box::new(bwd),
     };
     a.apply_op2(b, op)
 }
 
 struct Precomputed2 {
-    inner: Precomputed,
+    out: Handover,
     bwd: Bwd2,
 }
 
@@ -170,18 +167,18 @@ impl candle_core::CustomOp2 for Precomputed2 {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_storage(&self.inner.take()?)
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.inner.cuda_fwd(s, l)
+        self.out.cuda()
     }
 
     fn bwd(
@@ -195,21 +192,22 @@ impl candle_core::CustomOp2 for Precomputed2 {
     }
 }
 
-/// The op recorded in the graph: its forward hands over the result computed outside
-/// (taken, so it is held once), its backward calls `bwd`.
-struct Precomputed {
-    out: Mutex<Option<Tensor>>,
-    bwd: Bwd,
-}
+/// A result computed outside candle's op machinery, handed over once as a custom op's
+/// forward output (taken, so it is held once).
+pub(crate) struct Handover(Mutex<Option<Tensor>>);
 
-impl Precomputed {
+impl Handover {
+    pub(crate) fn new(t: Tensor) -> Self {
+        Self(Mutex::new(Some(t)))
+    }
+
     fn take(&self) -> candle_core::Result<Tensor> {
         let t = self
-            .out
+            .0
             .lock()
-            .map_err(|_| candle_core::Error::Msg("input_grad_only: poisoned".into()))?
+            .map_err(|_| candle_core::Error::Msg("custom op: poisoned".into()))?
             .take()
-            .ok_or_else(|| candle_core::Error::Msg("input_grad_only: forward run twice".into()))?;
+            .ok_or_else(|| candle_core::Error::Msg("custom op: forward run twice".into()))?;
         // A fresh buffer holding exactly the elements, at offset 0.
         if t.is_contiguous() && t.layout().start_offset() == 0 {
             Ok(t)
@@ -217,6 +215,30 @@ impl Precomputed {
             t.contiguous()?.affine(1.0, 0.0)
         }
     }
+
+    pub(crate) fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_storage(&self.take()?)
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let t = self.take()?;
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => Err(candle_core::Error::Msg(
+                "custom op: result not on the CUDA device".into(),
+            )),
+        }
+    }
+}
+
+/// The op recorded in the graph: its forward hands over the result computed outside,
+/// its backward calls `bwd`.
+struct Precomputed {
+    out: Handover,
+    bwd: Bwd,
 }
 
 impl CustomOp1 for Precomputed {
@@ -225,7 +247,7 @@ impl CustomOp1 for Precomputed {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_storage(&self.take()?)
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -234,15 +256,7 @@ impl CustomOp1 for Precomputed {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let t = self.take()?;
-        let (s, l) = t.storage_and_layout();
-        match &*s {
-            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => Err(candle_core::Error::Msg(
-                "input_grad_only: result not on the CUDA device".into(),
-            )),
-        }
+        self.out.cuda()
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
