@@ -504,6 +504,11 @@ fn unknown_names_list_the_known_ones() {
 }
 
 /// CRC-32 (IEEE) for the zip headers.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    not(feature = "cuda")
+))]
 fn crc32(data: &[u8]) -> u32 {
     let mut c = !0u32;
     for &b in data {
@@ -520,6 +525,11 @@ fn crc32(data: &[u8]) -> u32 {
 }
 
 /// A zip (what a wheel is) of `(name, data, deflate)` members.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    not(feature = "cuda")
+))]
 fn zip_bytes(members: &[(&str, &[u8], bool)]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut central = Vec::new();
