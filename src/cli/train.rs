@@ -1,6 +1,6 @@
 //! `sdkit train <method>`: parse, run the trainer, print the plan / summary.
 
-use crate::train::options::LoraOptions;
+use crate::train::options::{HypernetworkOptions, LoraOptions};
 use crate::train::run::{self, Plan, Progress, TrainError};
 use crate::util::progress;
 use indicatif::ProgressBar;
@@ -15,6 +15,9 @@ pub struct TrainArgs {
 pub enum Method {
     /// LoRA / LoCon (kohya networks.lora): files webui, ComfyUI, kohya and diffusers load.
     Lora(LoraOptions),
+    /// AUTOMATIC1111 hypernetwork: a k and a v network per attention context width, saved
+    /// as webui's .pt.
+    Hypernetwork(HypernetworkOptions),
 }
 
 struct Bar {
@@ -82,7 +85,7 @@ fn print_plan(p: &Plan) {
         p.batches_per_epoch, p.steps_per_epoch, p.epochs, p.total_steps, p.warmup_steps
     );
     println!(
-        "LoRA modules: {} UNet + {} text encoder, {} trainable parameters",
+        "trained modules: {} UNet + {} text encoder, {} trainable parameters",
         p.unet_modules, p.text_encoder_modules, p.trainable_parameters
     );
     println!(
@@ -102,11 +105,31 @@ fn exit_for(e: &TrainError) -> i32 {
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<i32> {
-    let Method::Lora(mut o) = a.method;
-    // A hub repo id or known name is fetched into the hub cache; a local path wins.
-    o.train.model = crate::hub::resolve::checkpoint(&o.model, o.quiet || o.json)?;
+    match a.method {
+        Method::Lora(mut o) => {
+            // A hub repo id or known name is fetched into the hub cache; a local path wins.
+            o.train.model = crate::hub::resolve::checkpoint(&o.model, o.quiet || o.json)?;
+            finish(&o, || run::plan(&o), |bar| run::train_lora(&o, bar))
+        }
+        Method::Hypernetwork(mut o) => {
+            o.train.model = crate::hub::resolve::checkpoint(&o.model, o.quiet || o.json)?;
+            finish(
+                &o,
+                || run::plan_hypernetwork(&o),
+                |bar| run::train_hypernetwork(&o, bar),
+            )
+        }
+    }
+}
+
+/// `--dry-run`: the plan; else the run with a progress bar and its summary.
+fn finish(
+    o: &crate::train::options::TrainOptions,
+    plan: impl FnOnce() -> Result<Plan, TrainError>,
+    train: impl FnOnce(&mut dyn Progress) -> Result<run::Report, TrainError>,
+) -> anyhow::Result<i32> {
     if o.dry_run {
-        return match run::plan(&o) {
+        return match plan() {
             Ok(p) => {
                 if o.json {
                     println!("{}", serde_json::to_string_pretty(&p)?);
@@ -125,7 +148,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<i32> {
         pb: None,
         hidden: o.quiet || o.json,
     };
-    match run::train_lora(&o, &mut bar) {
+    match train(&mut bar) {
         Ok(r) => {
             if o.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);

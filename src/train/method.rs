@@ -4,8 +4,9 @@
 //! DreamBooth, Textual Inversion and hypernetworks implement the same trait.
 
 use super::metadata::{RunFacts, lora_metadata};
-use super::options::LoraOptions;
+use super::options::{HypernetworkOptions, LoraOptions};
 use super::rng::Rng;
+use crate::adapters::hypernetwork::{Hypernetwork, file::PtMeta};
 use crate::adapters::lora::{LoraNetwork, Part};
 use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
@@ -118,5 +119,71 @@ impl Method for LoraMethod<'_> {
         let tensors = self.net.tensors(dtype).map_err(|e| e.to_string())?;
         let meta = lora_metadata(self.o, facts);
         crate::formats::kohya_lora::save(path, &tensors, &meta).map_err(|e| e.to_string())
+    }
+}
+
+/// A webui hypernetwork on the UNet's attention contexts, saved as webui's `.pt`.
+pub struct HypernetworkMethod<'a> {
+    pub o: &'a HypernetworkOptions,
+    pub net: Hypernetwork,
+    /// webui's `sd_checkpoint` (short hash) and `sd_checkpoint_name` of the base model.
+    pub checkpoint: (Option<String>, String),
+}
+
+impl Method for HypernetworkMethod<'_> {
+    fn kind(&self) -> &'static str {
+        "hypernetwork"
+    }
+
+    fn extension(&self) -> &'static str {
+        ".pt"
+    }
+
+    fn groups(&self) -> Vec<VarGroup> {
+        vec![VarGroup {
+            name: "hypernetwork".into(),
+            vars: self.net.vars(),
+            lr: self.o.learning_rate,
+        }]
+    }
+
+    fn size(&self) -> Size {
+        Size {
+            unet_modules: 2 * self.net.modules.len(),
+            text_encoder_modules: 0,
+            parameters: self.net.num_params(),
+        }
+    }
+
+    fn identity(&self) -> serde_json::Value {
+        self.net.identity()
+    }
+
+    fn set_dropout_key(&self, key: u64) {
+        self.net.set_dropout_key(key);
+    }
+
+    fn state_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        Ok(self.net.tensors()?)
+    }
+
+    fn load_state(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), String> {
+        self.net.load_tensors(tensors)
+    }
+
+    /// Always f32, as webui writes them (`--save-precision` does not apply).
+    fn save(&self, path: &Path, facts: &RunFacts, _dtype: DType) -> Result<(), String> {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let meta = PtMeta {
+            name,
+            step: facts.steps as i64,
+            sd_checkpoint: self.checkpoint.0.clone(),
+            sd_checkpoint_name: Some(self.checkpoint.1.clone()),
+            optional_info: None,
+        };
+        self.net.save_pt(path, &meta)
     }
 }

@@ -355,3 +355,25 @@ impl LoraOptions {
         Ok(())
     }
 }
+
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[command(after_help = "Examples:\n  \
+    sdkit train hypernetwork --model v1-5-pruned-emaonly.safetensors --data train/ --out hn/ \\\n    \
+    --output-name ink --layer-structure 1,2,1 --activation-func relu --learning-rate 5e-6 --max-train-steps 2000\n\n\
+Files: OUT/NAME.pt (webui's hypernetwork format: models/hypernetworks/), OUT/NAME-000004.pt\n\
+per saved epoch, OUT/NAME-state/ with --save-state.")]
+pub struct HypernetworkOptions {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub train: TrainOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub shape: crate::adapters::hypernetwork::HypernetworkShape,
+}
+
+impl std::ops::Deref for HypernetworkOptions {
+    type Target = TrainOptions;
+    fn deref(&self) -> &TrainOptions {
+        &self.train
+    }
+}

@@ -7,15 +7,17 @@ use super::data::{self, CaptionOptions, DataOptions, Dataset};
 use super::latents::{LatentCache, vae_fingerprint};
 use super::lr::{Schedule, warmup_steps};
 use super::metadata::RunFacts;
-use super::method::{LoraMethod, Method};
+use super::method::{HypernetworkMethod, LoraMethod, Method};
 use super::objective::Objective;
 use super::optim::{Group, Hyper, Optimizer, clip_grad_norm};
 use super::options::{
-    DeviceArg, LoraOptions, MixedPrecision, SampleSampler, SavePrecision, TrainOptions,
+    DeviceArg, HypernetworkOptions, LoraOptions, MixedPrecision, SampleSampler, SavePrecision,
+    TrainOptions,
 };
 use super::rng::{Purpose, Rng};
 use super::samples::{self, SamplePrompt};
 use super::state::{self, StateInfo};
+use crate::adapters::hypernetwork::Hypernetwork;
 use crate::adapters::lora::{LoraNetwork, LoraShape};
 use crate::dataset::bucket::BucketSpec;
 use crate::formats::tensorboard::EventWriter;
@@ -409,6 +411,34 @@ fn lora(o: &LoraOptions) -> Result<Box<Attach<'_>>, TrainError> {
             Ok(Box::new(LoraMethod { o, net }) as Box<dyn Method>)
         },
     ))
+}
+
+/// A webui hypernetwork on every attention context width of the UNet.
+fn hypernetwork(o: &HypernetworkOptions) -> Result<Box<Attach<'_>>, TrainError> {
+    o.shape.validate().map_err(input)?;
+    Ok(Box::new(
+        move |models: &mut Models, init: &mut Rng, dev: &Device| {
+            let widths = crate::adapters::hypernetwork::default_widths(&models.unet.config);
+            let net = Hypernetwork::create(&o.shape, &widths, init, dev).map_err(input)?;
+            net.attach(&mut models.unet, 1.0);
+            let checkpoint = crate::formats::png_params::model_hash_and_name(&o.model)
+                .map_err(|e| input(format!("{}: {e}", o.model.display())))?;
+            Ok(Box::new(HypernetworkMethod { o, net, checkpoint }) as Box<dyn Method>)
+        },
+    ))
+}
+
+/// Plan of a hypernetwork run (`--dry-run`).
+pub fn plan_hypernetwork(o: &HypernetworkOptions) -> Result<Plan, TrainError> {
+    Ok(prepare(o, hypernetwork(o)?)?.plan)
+}
+
+/// Train a webui hypernetwork; returns the report.
+pub fn train_hypernetwork(
+    o: &HypernetworkOptions,
+    ui: &mut dyn Progress,
+) -> Result<Report, TrainError> {
+    train(o, hypernetwork(o)?, ui)
 }
 
 /// Plan only (`--dry-run`).
