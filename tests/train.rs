@@ -78,10 +78,15 @@ fn sdkit(args: &[&str]) -> Run {
 }
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> Run {
+    train_method("lora", data, out, extra)
+}
+
+/// `sdkit train METHOD` on the tiny model with the tiny buckets.
+fn train_method(method: &str, data: &Path, out: &Path, extra: &[&str]) -> Run {
     let m = model();
     let mut args = vec![
         "train",
-        "lora",
+        method,
         "--model",
         m.to_str().unwrap(),
         "--data",
@@ -140,13 +145,20 @@ fn dry_run_plans_repeats_reg_balance_buckets_and_steps() {
 /// Mean loss over fixed timesteps and noise of the training images, with the LoRA file
 /// merged (or none): what the model learned, free of the training noise.
 fn held_out_loss(lora: Option<&Path>, data: &Path) -> f32 {
+    held_out_loss_with(data, |m| {
+        if let Some(p) = lora {
+            let (t, _) = read_lora(p);
+            let a = sdkit::adapters::lora::merge_into(&t, &mut m.unet, &mut m.clip, 1.0).unwrap();
+            assert!(a.unknown.is_empty());
+        }
+    })
+}
+
+/// The same with any change `adapt` makes to the loaded model.
+fn held_out_loss_with(data: &Path, adapt: impl FnOnce(&mut Models)) -> f32 {
     let ck = loader::open(&model(), &LoadOptions::default()).unwrap();
     let mut m = Models::new(ck).unwrap();
-    if let Some(p) = lora {
-        let (t, _) = read_lora(p);
-        let a = sdkit::adapters::lora::merge_into(&t, &mut m.unet, &mut m.clip, 1.0).unwrap();
-        assert!(a.unknown.is_empty());
-    }
+    adapt(&mut m);
     let ds = sdkit::train::data::load(
         data,
         None,
@@ -430,26 +442,9 @@ fn trains_a_hypernetwork_that_learns_and_resumes() {
     png(&img.join("a.png"), 64, 64, 3);
     std::fs::write(img.join("a.txt"), "ohwx, red").unwrap();
     let hn = |data: &Path, out: &Path, extra: &[&str]| {
-        let m = model();
-        let mut args = vec![
-            "train",
-            "hypernetwork",
-            "--model",
-            m.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--output-name",
-            "t",
-            "--learning-rate",
-            "2e-2",
-            "--activation-func",
-            "relu",
-        ];
-        args.extend_from_slice(TINY);
+        let mut args = vec!["--learning-rate", "2e-2", "--activation-func", "relu"];
         args.extend_from_slice(extra);
-        let r = sdkit(&args);
+        let r = train_method("hypernetwork", data, out, &args);
         assert_eq!(r.code, 0, "{}", r.stderr);
     };
     let out = tempfile::tempdir().unwrap();
@@ -478,58 +473,8 @@ fn trains_a_hypernetwork_that_learns_and_resumes() {
     );
 
     // The loss on fixed noise falls with the network attached (strength 1).
-    let loss = |attach: bool| {
-        let ck = loader::open(&model(), &LoadOptions::default()).unwrap();
-        let mut m = Models::new(ck).unwrap();
-        if attach {
-            net.attach(&mut m.unet, 1.0);
-        }
-        let img = sdkit::train::latents::load_image(
-            &sdkit::train::data::load(
-                d.path(),
-                None,
-                &sdkit::train::data::DataOptions {
-                    buckets: sdkit::dataset::bucket::BucketSpec {
-                        resolution: (64, 64),
-                        min_bucket: 32,
-                        max_bucket: 128,
-                        step: 32,
-                        no_upscale: false,
-                    },
-                    caption_extension: ".txt".into(),
-                },
-            )
-            .unwrap()
-            .items[0],
-            false,
-        )
-        .unwrap();
-        let dev = Device::Cpu;
-        let x = sdkit::model::vae::image_to_tensor(&img, &dev).unwrap();
-        let x0 = (m.vae.encode(&x).unwrap().mode() * 0.18215).unwrap();
-        let ctx = sdkit::train::run::encode_captions(
-            &m.clip,
-            &["ohwx, red".to_string()],
-            75,
-            sdkit::model::pipeline::pad_for(m.info.arch),
-            1,
-            &dev,
-        )
-        .unwrap();
-        let sched = sdkit::model::schedule::DdpmSchedule::default();
-        let mut total = 0f32;
-        for (k, t) in [100usize, 300, 500, 700, 900].into_iter().enumerate() {
-            let mut r = Rng::new(2000 + k as u64);
-            let noise = Tensor::from_vec(r.normals(x0.elem_count()), x0.dims(), &dev).unwrap();
-            let noisy = sched.add_noise(&x0, &noise, &[t]).unwrap();
-            let tt = Tensor::new(&[t as f32], &dev).unwrap();
-            let pred = m.unet.forward(&noisy, &tt, &ctx).unwrap();
-            let l = (pred - noise).unwrap().sqr().unwrap().mean_all().unwrap();
-            total += l.to_scalar::<f32>().unwrap();
-        }
-        total / 5.0
-    };
-    let (before, after) = (loss(false), loss(true));
+    let before = held_out_loss(None, d.path());
+    let after = held_out_loss_with(d.path(), |m| net.attach(&mut m.unet, 1.0));
     eprintln!("hypernetwork held-out loss: base {before:.4}, with network {after:.4}");
     assert!(
         after < 0.95 * before,
