@@ -1,6 +1,6 @@
 //! `sdkit train <method>`: parse, run the trainer, print the plan / summary.
 
-use crate::train::options::{HypernetworkOptions, LoraOptions};
+use crate::train::options::{HypernetworkOptions, LoraOptions, TextualInversionOptions};
 use crate::train::run::{self, Plan, Progress, TrainError};
 use crate::util::progress;
 use indicatif::ProgressBar;
@@ -18,6 +18,9 @@ pub enum Method {
     /// AUTOMATIC1111 hypernetwork: a k and a v network per attention context width, saved
     /// as webui's .pt.
     Hypernetwork(HypernetworkOptions),
+    /// Textual inversion: new token vectors called by a word, saved as kohya's emb_params
+    /// file (webui, ComfyUI and diffusers read it).
+    TextualInversion(TextualInversionOptions),
 }
 
 struct Bar {
@@ -110,6 +113,14 @@ pub fn run(a: TrainArgs) -> anyhow::Result<i32> {
             // A hub repo id or known name is fetched into the hub cache; a local path wins.
             o.train.model = crate::hub::resolve::checkpoint(&o.model, o.quiet || o.json)?;
             finish(&o, || run::plan(&o), |bar| run::train_lora(&o, bar))
+        }
+        Method::TextualInversion(mut o) => {
+            o.train.model = crate::hub::resolve::checkpoint(&o.model, o.quiet || o.json)?;
+            finish(
+                &o,
+                || run::plan_textual_inversion(&o),
+                |bar| run::train_textual_inversion(&o, bar),
+            )
         }
         Method::Hypernetwork(mut o) => {
             o.train.model = crate::hub::resolve::checkpoint(&o.model, o.quiet || o.json)?;

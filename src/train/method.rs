@@ -4,8 +4,9 @@
 //! DreamBooth, Textual Inversion and hypernetworks implement the same trait.
 
 use super::metadata::{RunFacts, lora_metadata};
-use super::options::{HypernetworkOptions, LoraOptions};
+use super::options::{HypernetworkOptions, LoraOptions, TextualInversionOptions};
 use super::rng::Rng;
+use crate::adapters::embedding::{FileFormat, TrainableEmbedding, kohya_metadata};
 use crate::adapters::hypernetwork::{Hypernetwork, file::PtMeta};
 use crate::adapters::lora::{LoraNetwork, Part};
 use candle_core::{DType, Tensor, Var};
@@ -185,5 +186,76 @@ impl Method for HypernetworkMethod<'_> {
             optional_info: None,
         };
         self.net.save_pt(path, &meta)
+    }
+}
+
+/// Textual inversion: new token vectors, saved as kohya's `emb_params` file.
+pub struct EmbeddingMethod<'a> {
+    pub o: &'a TextualInversionOptions,
+    pub te: TrainableEmbedding,
+    /// The word that calls it (in training prompts too).
+    pub name: String,
+    /// Template lines (`[name]`, `[filewords]`), or none: the captions.
+    pub template: Option<Vec<String>>,
+    pub resolution: (usize, usize),
+}
+
+impl Method for EmbeddingMethod<'_> {
+    fn kind(&self) -> &'static str {
+        "textual_inversion"
+    }
+
+    fn groups(&self) -> Vec<VarGroup> {
+        vec![VarGroup {
+            name: "embedding".into(),
+            vars: self.te.vars(),
+            lr: self.o.learning_rate,
+        }]
+    }
+
+    fn size(&self) -> Size {
+        Size {
+            unet_modules: 0,
+            text_encoder_modules: 1,
+            parameters: self.te.vars().iter().map(|v| v.elem_count()).sum(),
+        }
+    }
+
+    fn identity(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "vectors": self.o.num_vectors_per_token,
+        })
+    }
+
+    fn prompt(&self, caption: String, rng: &mut Rng) -> String {
+        match (&self.template, &self.o.trigger) {
+            (Some(lines), _) => {
+                super::templates::template_caption(lines, &self.name, &caption, rng)
+            }
+            (None, Some(t)) => super::templates::replace_trigger(&caption, t, &self.name),
+            (None, None) => caption,
+        }
+    }
+
+    fn state_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        self.te.tensors()
+    }
+
+    fn load_state(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), String> {
+        self.te.load_tensors(tensors)
+    }
+
+    fn save(&self, path: &Path, facts: &RunFacts, dtype: DType) -> Result<(), String> {
+        let meta = kohya_metadata(
+            &self.name,
+            facts.arch,
+            facts.prediction,
+            self.resolution,
+            facts.finished,
+        );
+        self.te
+            .save(path, FileFormat::Kohya, dtype, &meta)
+            .map_err(|e| e.to_string())
     }
 }

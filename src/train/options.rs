@@ -377,3 +377,48 @@ impl std::ops::Deref for HypernetworkOptions {
         &self.train
     }
 }
+
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[command(after_help = "Examples:\n  \
+    sdkit train textual-inversion --model v1-5-pruned-emaonly.safetensors --data train/ --out emb/ \\\n    \
+    --output-name mycat --init-word cat --num-vectors-per-token 4 --template subject --learning-rate 5e-3\n\n\
+Files: OUT/NAME.safetensors (kohya's emb_params, which webui reads from models/embeddings/;\n\
+write NAME in a prompt to use it), OUT/NAME-000004.safetensors per saved epoch, OUT/NAME-state/\n\
+with --save-state.")]
+pub struct TextualInversionOptions {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub train: TrainOptions,
+    /// The word that calls the embedding in prompts (default: --output-name).
+    #[arg(long)]
+    pub token_string: Option<String>,
+    /// Start from this word's token embeddings (webui's rule; empty: zeros).
+    #[arg(long, default_value = "*")]
+    pub init_word: String,
+    /// Vectors (tokens) the embedding takes in a prompt.
+    #[arg(long, default_value_t = 1)]
+    pub num_vectors_per_token: usize,
+    /// Training prompts: `subject`, `style` or a template FILE (lines with [name] and
+    /// [filewords]); without it the captions are used, with --trigger replaced.
+    #[arg(long, value_name = "subject|style|FILE")]
+    pub template: Option<String>,
+    /// Without --template: this word in the captions becomes the embedding's name.
+    #[arg(long)]
+    pub trigger: Option<String>,
+}
+
+impl std::ops::Deref for TextualInversionOptions {
+    type Target = TrainOptions;
+    fn deref(&self) -> &TrainOptions {
+        &self.train
+    }
+}
+
+impl TextualInversionOptions {
+    /// The embedding's name (the word that calls it).
+    pub fn name(&self) -> String {
+        self.token_string
+            .clone()
+            .unwrap_or_else(|| self.output_name.clone())
+    }
+}

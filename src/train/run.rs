@@ -7,12 +7,12 @@ use super::data::{self, CaptionOptions, DataOptions, Dataset};
 use super::latents::{LatentCache, vae_fingerprint};
 use super::lr::{Schedule, warmup_steps};
 use super::metadata::RunFacts;
-use super::method::{HypernetworkMethod, LoraMethod, Method};
+use super::method::{EmbeddingMethod, HypernetworkMethod, LoraMethod, Method};
 use super::objective::Objective;
 use super::optim::{Group, Hyper, Optimizer, clip_grad_norm};
 use super::options::{
     DeviceArg, HypernetworkOptions, LoraOptions, MixedPrecision, SampleSampler, SavePrecision,
-    TrainOptions,
+    TextualInversionOptions, TrainOptions,
 };
 use super::rng::{Purpose, Rng};
 use super::samples::{self, SamplePrompt};
@@ -24,7 +24,7 @@ use crate::formats::tensorboard::EventWriter;
 use crate::model::clip::ClipTextModel;
 use crate::model::loader::{self, LoadOptions};
 use crate::model::pipeline::{Models, pad_for};
-use crate::model::prompt::kohya_chunks;
+use crate::model::prompt::kohya_chunks_with;
 use crate::model::samplers::SamplerKind;
 use crate::model::schedule::DdpmSchedule;
 use crate::model::tokenizer::ClipTokenizer;
@@ -152,7 +152,7 @@ pub fn encode_captions(
     let mut ids = Vec::new();
     let mut n_chunks = 1;
     for c in captions {
-        let chunks = kohya_chunks(tok, c, max_token_length, pad);
+        let chunks = kohya_chunks_with(tok, c, max_token_length, pad, &clip.placeholders);
         n_chunks = chunks.len();
         for ch in chunks {
             ids.extend(ch);
@@ -426,6 +426,51 @@ fn hypernetwork(o: &HypernetworkOptions) -> Result<Box<Attach<'_>>, TrainError> 
             Ok(Box::new(HypernetworkMethod { o, net, checkpoint }) as Box<dyn Method>)
         },
     ))
+}
+
+/// New token vectors in CLIP's token lookup, the only trainable tensor.
+fn embedding(o: &TextualInversionOptions) -> Result<Box<Attach<'_>>, TrainError> {
+    let template = match &o.template {
+        Some(t) => Some(super::templates::load_template(t).map_err(input)?),
+        None => None,
+    };
+    let (rw, rh) = o.resolution().map_err(input)?;
+    Ok(Box::new(
+        move |models: &mut Models, _: &mut Rng, _: &Device| {
+            use crate::adapters::embedding::{Embedding, TrainableEmbedding};
+            let name = o.name();
+            let tok = ClipTokenizer::shared();
+            let emb = Embedding::init(
+                &models.clip,
+                tok,
+                &o.init_word,
+                o.num_vectors_per_token,
+                &name,
+            )
+            .map_err(input)?;
+            let te = TrainableEmbedding::attach(&mut models.clip, &emb).map_err(input)?;
+            Ok(Box::new(EmbeddingMethod {
+                o,
+                te,
+                name,
+                template,
+                resolution: (rw as usize, rh as usize),
+            }) as Box<dyn Method>)
+        },
+    ))
+}
+
+/// Plan of a textual-inversion run (`--dry-run`).
+pub fn plan_textual_inversion(o: &TextualInversionOptions) -> Result<Plan, TrainError> {
+    Ok(prepare(o, embedding(o)?)?.plan)
+}
+
+/// Train a textual-inversion embedding; returns the report.
+pub fn train_textual_inversion(
+    o: &TextualInversionOptions,
+    ui: &mut dyn Progress,
+) -> Result<Report, TrainError> {
+    train(o, embedding(o)?, ui)
 }
 
 /// Plan of a hypernetwork run (`--dry-run`).
