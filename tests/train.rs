@@ -46,6 +46,16 @@ fn dataset() -> tempfile::TempDir {
     d
 }
 
+/// The overfit set of the learning tests: one 64x64 image, `10_ohwx`, "ohwx, red".
+fn one_image_set() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("10_ohwx");
+    std::fs::create_dir_all(&img).unwrap();
+    png(&img.join("a.png"), 64, 64, 3);
+    std::fs::write(img.join("a.txt"), "ohwx, red").unwrap();
+    d
+}
+
 const TINY: &[&str] = &[
     "--resolution",
     "64",
@@ -209,11 +219,7 @@ fn held_out_loss_with(data: &Path, adapt: impl FnOnce(&mut Models)) -> f32 {
 /// TensorBoard records every step, epoch saves are named like kohya's.
 #[test]
 fn trains_a_lora_that_learns_and_loads() {
-    let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("10_ohwx");
-    std::fs::create_dir_all(&img).unwrap();
-    png(&img.join("a.png"), 64, 64, 3);
-    std::fs::write(img.join("a.txt"), "ohwx, red").unwrap();
+    let d = one_image_set();
     let out = tempfile::tempdir().unwrap();
     let logs = out.path().join("logs");
     let prompts = d.path().join("prompts.txt");
@@ -389,11 +395,7 @@ fn resume_case(optimizer: &[&str]) {
 /// falls as in f32; the file is f32 unless `--save-precision` says otherwise (kohya).
 #[test]
 fn mixed_precision_fp16_learns() {
-    let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("10_ohwx");
-    std::fs::create_dir_all(&img).unwrap();
-    png(&img.join("a.png"), 64, 64, 3);
-    std::fs::write(img.join("a.txt"), "ohwx, red").unwrap();
+    let d = one_image_set();
     let out = tempfile::tempdir().unwrap();
     let args = [
         "--max-train-steps",
@@ -436,11 +438,7 @@ fn mixed_precision_fp16_learns() {
 /// resumed run ends on the same weights.
 #[test]
 fn trains_a_hypernetwork_that_learns_and_resumes() {
-    let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("10_ohwx");
-    std::fs::create_dir_all(&img).unwrap();
-    png(&img.join("a.png"), 64, 64, 3);
-    std::fs::write(img.join("a.txt"), "ohwx, red").unwrap();
+    let d = one_image_set();
     let hn = |data: &Path, out: &Path, extra: &[&str]| {
         let mut args = vec!["--learning-rate", "2e-2", "--activation-func", "relu"];
         args.extend_from_slice(extra);
@@ -512,11 +510,7 @@ fn trains_a_hypernetwork_that_learns_and_resumes() {
 /// noise, and a resumed run ends on the same vectors.
 #[test]
 fn trains_an_embedding_that_learns_and_resumes() {
-    let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("10_ohwx");
-    std::fs::create_dir_all(&img).unwrap();
-    png(&img.join("a.png"), 64, 64, 3);
-    std::fs::write(img.join("a.txt"), "ohwx, red").unwrap();
+    let d = one_image_set();
     let ti = |out: &Path, extra: &[&str]| {
         let mut args = vec![
             "--output-name",
