@@ -571,6 +571,213 @@ fn trains_an_embedding_that_learns_and_resumes() {
     );
 }
 
+/// Every tensor of a checkpoint file, by component and diffusers name (f32).
+fn components(p: &Path) -> [BTreeMap<String, Tensor>; 3] {
+    let ck = loader::open(p, &LoadOptions::default()).unwrap();
+    [ck.unet, ck.vae, ck.text_encoder].map(|w| w.snapshot().into_iter().collect())
+}
+
+/// Largest difference over the tensors two maps share (they must have the same keys).
+fn max_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f32 {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "different tensors"
+    );
+    a.iter()
+        .map(|(k, t)| {
+            (t - &b[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+fn dreambooth(data: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec!["--learning-rate", "2e-4", "--max-train-steps", "6"];
+    args.extend_from_slice(extra);
+    let r = train_method("dreambooth", data, out, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// `sdkit train dreambooth`: the UNet itself trains; the single file loads back in
+/// sdkit's loader with the trained UNet, the base VAE and text encoder, lowers the loss
+/// on fixed noise; a resumed run ends on the same weights.
+#[test]
+fn dreambooth_learns_saves_a_checkpoint_and_resumes() {
+    let d = one_image_set();
+    let out = tempfile::tempdir().unwrap();
+    dreambooth(
+        d.path(),
+        out.path(),
+        &["--save-every-n-steps", "3", "--save-state"],
+    );
+    let file = out.path().join("t.safetensors");
+    let (raw, meta) = read_lora(&file);
+    assert_eq!(meta["modelspec.architecture"], "stable-diffusion-v1");
+    assert_eq!(meta["ss_training_method"], "dreambooth");
+    assert!(
+        raw.keys()
+            .any(|k| k.starts_with("model.diffusion_model.input_blocks."))
+    );
+    assert!(
+        raw.keys()
+            .any(|k| k.starts_with("first_stage_model.decoder."))
+    );
+    assert!(
+        raw.keys()
+            .any(|k| k.starts_with("cond_stage_model.transformer.text_model."))
+    );
+    let [unet, vae, te] = components(&file);
+    let base_ck = loader::open(&model(), &LoadOptions::default()).unwrap();
+    let [bu, bv, bt] = [base_ck.unet, base_ck.vae, base_ck.text_encoder]
+        .map(|w| w.snapshot().into_iter().collect::<BTreeMap<_, _>>());
+    assert!(max_diff(&unet, &bu) > 1e-4, "the UNet did not change");
+    assert_eq!(max_diff(&vae, &bv), 0.0, "the VAE changed");
+    assert_eq!(max_diff(&te, &bt), 0.0, "the frozen text encoder changed");
+
+    let before = held_out_loss(None, d.path());
+    let after = held_out_loss_with(d.path(), |m| {
+        *m = Models::new(loader::open(&file, &LoadOptions::default()).unwrap()).unwrap()
+    });
+    eprintln!("dreambooth held-out loss: base {before:.4}, trained {after:.4}");
+    assert!(after < before, "loss did not fall: {before} -> {after}");
+
+    let out2 = tempfile::tempdir().unwrap();
+    let state = out.path().join("t-step00000003-state");
+    dreambooth(
+        d.path(),
+        out2.path(),
+        &["--resume", state.to_str().unwrap()],
+    );
+    let [u2, _, _] = components(&out2.path().join("t.safetensors"));
+    assert_eq!(max_diff(&u2, &unet), 0.0, "resumed weights differ");
+}
+
+/// `--stop-text-encoder-training 2`: the text encoder trains for two steps, then stays
+/// as it was while the UNet goes on.
+#[test]
+fn dreambooth_trains_the_text_encoder_until_told_to_stop() {
+    let d = one_image_set();
+    let out = tempfile::tempdir().unwrap();
+    dreambooth(
+        d.path(),
+        out.path(),
+        &[
+            "--stop-text-encoder-training",
+            "2",
+            "--text-encoder-lr",
+            "1e-3",
+            "--max-train-steps",
+            "4",
+            "--save-every-n-steps",
+            "2",
+        ],
+    );
+    let [u2, _, te2] = components(&out.path().join("t-step00000002.safetensors"));
+    let [u4, _, te4] = components(&out.path().join("t.safetensors"));
+    let base = loader::open(&model(), &LoadOptions::default()).unwrap();
+    let bt: BTreeMap<_, _> = base.text_encoder.snapshot().into_iter().collect();
+    assert!(max_diff(&te2, &bt) > 1e-4, "the text encoder did not train");
+    assert_eq!(
+        max_diff(&te4, &te2),
+        0.0,
+        "the text encoder trained past step 2"
+    );
+    assert!(max_diff(&u4, &u2) > 0.0, "the UNet stopped too");
+}
+
+/// `--class-prompt`: the missing class images are generated into REG/1_<prompt>/ with
+/// their captions, counted by `--dry-run`, trained on as regularisation images; a rerun
+/// with a larger count adds only the missing ones.
+#[test]
+fn dreambooth_generates_class_images_once() {
+    let d = one_image_set();
+    let out = tempfile::tempdir().unwrap();
+    let class = [
+        "--class-prompt",
+        "a photo of a cat",
+        "--class-steps",
+        "2",
+        "--max-train-steps",
+        "1",
+    ];
+    let plan = train_method(
+        "dreambooth",
+        d.path(),
+        out.path(),
+        &[
+            &class[..],
+            &["--num-class-images", "2", "--dry-run", "--json"],
+        ]
+        .concat(),
+    );
+    assert_eq!(plan.code, 0, "{}", plan.stderr);
+    let p: Value = serde_json::from_str(&plan.stdout).unwrap();
+    assert_eq!(p["class_images_to_generate"], 2);
+    let dir = out.path().join("class_images/1_a photo of a cat");
+    assert!(!dir.exists(), "a dry run generates nothing");
+
+    dreambooth(
+        d.path(),
+        out.path(),
+        &[&class[..], &["--num-class-images", "2"]].concat(),
+    );
+    let names = |dir: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names(&dir),
+        ["000000.png", "000000.txt", "000001.png", "000001.txt"]
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("000001.txt")).unwrap(),
+        "a photo of a cat"
+    );
+    let img = image::open(dir.join("000000.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+    let first = std::fs::read(dir.join("000000.png")).unwrap();
+
+    // The reg images were part of the run: the plan of the same options counts them.
+    let plan = train_method(
+        "dreambooth",
+        d.path(),
+        out.path(),
+        &[
+            &class[..],
+            &["--num-class-images", "2", "--dry-run", "--json"],
+        ]
+        .concat(),
+    );
+    let p: Value = serde_json::from_str(&plan.stdout).unwrap();
+    assert_eq!(p["class_images_to_generate"], 0);
+    assert_eq!(p["reg_samples"], 10, "{p}");
+
+    dreambooth(
+        d.path(),
+        out.path(),
+        &[&class[..], &["--num-class-images", "3"]].concat(),
+    );
+    assert_eq!(names(&dir).len(), 6);
+    assert_eq!(
+        std::fs::read(dir.join("000000.png")).unwrap(),
+        first,
+        "an existing class image was rewritten"
+    );
+}
+
 /// `--gradient-checkpointing` trains the same weights (recomputed blocks give the same
 /// gradients up to float summation order) and says so in the metadata. SGD, because
 /// Adam's first steps move every element by about the learning rate whatever the size of
@@ -742,6 +949,20 @@ fn bad_input_is_a_one_line_error_before_any_work() {
         assert!(r.stderr.contains(want), "{a:?}: {}", r.stderr);
         assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
     }
+    let r = sdkit(&[
+        "train",
+        "dreambooth",
+        "--model",
+        m,
+        "--data",
+        dd,
+        "--out",
+        o,
+        "--mixed-precision",
+        "fp16",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("kept in f32"), "{}", r.stderr);
     // An empty data folder.
     let empty = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(empty.path().join("10_x")).unwrap();

@@ -7,6 +7,8 @@
 # Needs the reference venv: source ../shared/scripts/refenv.sh (sets $REFPY).
 # Usage: bench/train/run.sh [STEPS]   (default 3)
 # GRADIENT_CHECKPOINTING=1: both sides recompute UNet blocks in the backward.
+# METHOD=dreambooth|textual_inversion|hypernetwork (default lora): the other methods, set up
+# as torch_train.py describes; OPTIMIZER=adamw|adafactor|adamw8bit for dreambooth.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEPS=${1:-3}
@@ -21,16 +23,27 @@ MODEL=$("$REFPY" bench/train/make_model.py "$OUT" 2>/dev/null | tail -1)
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
   "$(free -g | awk '/Mem:/{print $2}') GB RAM; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$REFPY" bench/train/torch_train.py "$MODEL" "$OUT/data" "$STEPS" 2>&1 | grep -v -i warn
-rm -rf "$OUT/lora"
-/usr/bin/time -f "sdkit peak RSS %M KB" "$BIN" train lora --model "$MODEL" --data "$OUT/data" \
-  --out "$OUT/lora" --output-name bench --network-dim 32 --network-alpha 16 \
-  --learning-rate 1e-4 --max-train-steps "$STEPS" --cache-latents --seed 0 --json --quiet \
+METHOD=${METHOD:-lora}
+OPTIMIZER=${OPTIMIZER:-adamw}
+export METHOD OPTIMIZER
+case "$METHOD" in
+  lora) ARGS=(lora --network-dim 32 --network-alpha 16 --learning-rate 1e-4) ;;
+  dreambooth) ARGS=(dreambooth --learning-rate 1e-6 --optimizer "$OPTIMIZER")
+    [ "$OPTIMIZER" = adafactor ] && ARGS+=(--optimizer-args scale_parameter=False relative_step=False warmup_init=False) ;;
+  textual_inversion) ARGS=(textual-inversion --init-word bench --num-vectors-per-token 1 --learning-rate 5e-4) ;;
+  hypernetwork) ARGS=(hypernetwork --layer-structure 1,2,1 --learning-rate 5e-6) ;;
+  *) echo "unknown METHOD $METHOD" >&2; exit 2 ;;
+esac
+rm -rf "$OUT/run"
+/usr/bin/time -f "sdkit peak RSS %M KB" "$BIN" train "${ARGS[@]}" --model "$MODEL" --data "$OUT/data" \
+  --out "$OUT/run" --output-name bench \
+  --max-train-steps "$STEPS" --cache-latents --seed 0 --json --quiet \
   $([ "${GRADIENT_CHECKPOINTING:-}" = 1 ] && echo --gradient-checkpointing) \
   > "$OUT/sdkit.json"
 "$REFPY" - "$OUT/sdkit.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"sdkit: {r['seconds_per_step']:.2f} s/step, latents {r['latent_images_per_second']:.2f} images/s, "
-      f"{r['plan']['trainable_parameters']} LoRA parameters, {r['steps']} steps in {r['seconds']:.1f} s")
+      f"{r['plan']['trainable_parameters']} trained parameters, {r['steps']} steps in {r['seconds']:.1f} s")
 PY
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

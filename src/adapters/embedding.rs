@@ -249,35 +249,13 @@ pub fn kohya_metadata(
     resolution: (usize, usize),
     unix_time: u64,
 ) -> BTreeMap<String, String> {
-    use crate::model::arch::Arch;
-    use crate::model::schedule::Prediction;
-    let architecture = match (arch, prediction) {
-        (Arch::Sd1, _) => "stable-diffusion-v1/textual-inversion",
-        (Arch::Sd2, Prediction::VPrediction) => "stable-diffusion-v2-768-v/textual-inversion",
-        (Arch::Sd2, Prediction::Epsilon) => "stable-diffusion-v2-512/textual-inversion",
-    };
-    let prediction = match prediction {
-        Prediction::Epsilon => "epsilon",
-        Prediction::VPrediction => "v",
-    };
-    [
-        ("modelspec.sai_model_spec", "1.0.1".to_string()),
-        ("modelspec.architecture", architecture.into()),
-        ("modelspec.implementation", "diffusers".into()),
-        ("modelspec.title", title.into()),
-        (
-            "modelspec.resolution",
-            format!("{}x{}", resolution.0, resolution.1),
-        ),
-        (
-            "modelspec.date",
-            crate::train::metadata::iso_date(unix_time),
-        ),
-        ("modelspec.prediction_type", prediction.into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    crate::train::metadata::modelspec(
+        Some("textual-inversion"),
+        title,
+        (arch, prediction),
+        resolution,
+        unix_time,
+    )
 }
 
 /// Gives `clip` the vectors of `embeddings` and their names (frozen; replaces what was

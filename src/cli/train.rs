@@ -1,6 +1,8 @@
 //! `sdkit train <method>`: parse, run the trainer, print the plan / summary.
 
-use crate::train::options::{HypernetworkOptions, LoraOptions, TextualInversionOptions};
+use crate::train::options::{
+    DreamBoothOptions, HypernetworkOptions, LoraOptions, TextualInversionOptions,
+};
 use crate::train::run::{self, Plan, Progress, TrainError};
 use crate::util::progress;
 use indicatif::ProgressBar;
@@ -21,6 +23,9 @@ pub enum Method {
     /// Textual inversion: new token vectors called by a word, saved as kohya's emb_params
     /// file (webui, ComfyUI and diffusers read it).
     TextualInversion(TextualInversionOptions),
+    /// DreamBooth: fine-tune the model itself (UNet, optionally the text encoder) with
+    /// prior preservation; saves a single-file checkpoint webui loads.
+    Dreambooth(DreamBoothOptions),
 }
 
 struct Bar {
@@ -46,8 +51,8 @@ impl Progress for Bar {
             _ => {}
         }
     }
-    fn caching(&mut self, total: u64) -> Box<dyn FnMut() + '_> {
-        let pb = progress::bar(total, "latents", self.hidden);
+    fn bar(&mut self, label: &str, total: u64) -> Box<dyn FnMut() + '_> {
+        let pb = progress::bar(total, label, self.hidden);
         Box::new(move || {
             pb.inc(1);
             if pb.position() >= total {
@@ -95,6 +100,9 @@ fn print_plan(p: &Plan) {
         "memory estimate: {:.1} GB; seed {}",
         p.memory_estimate_gb, p.seed
     );
+    if let Some(n) = p.class_images_to_generate {
+        println!("class images to generate first: {n} (not counted above)");
+    }
     for s in p.skipped.iter().take(10) {
         println!("skipped: {s}");
     }
@@ -120,6 +128,14 @@ pub fn run(a: TrainArgs) -> anyhow::Result<i32> {
                 &o,
                 || run::plan_textual_inversion(&o),
                 |bar| run::train_textual_inversion(&o, bar),
+            )
+        }
+        Method::Dreambooth(mut o) => {
+            o.train.model = crate::hub::resolve::checkpoint(&o.model, o.quiet || o.json)?;
+            finish(
+                &o,
+                || run::plan_dreambooth(&o),
+                |bar| run::train_dreambooth(&o, bar),
             )
         }
         Method::Hypernetwork(mut o) => {

@@ -9,5 +9,6 @@
 pub mod kohya_lora;
 pub mod png_params;
 pub mod safetensors;
+pub mod sd_checkpoint;
 pub mod tensorboard;
 pub mod torch_pt;

@@ -80,6 +80,99 @@ pub fn read_all(path: &Path) -> Result<HashMap<String, Tensor>, String> {
     Ok(out)
 }
 
+/// Write `tensors` (each converted to `dtype` when given) with string `metadata` to
+/// `path`, atomically and one tensor at a time: the peak is the tensors plus one
+/// converted copy, not the whole file in memory (a 4 GB checkpoint, a training state).
+pub fn write_streaming(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    dtype: Option<candle_core::DType>,
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    use safetensors::View;
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let mut order: Vec<&(String, Tensor)> = tensors.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
+    let mut offset = 0usize;
+    for (name, t) in &order {
+        let dt = dtype.unwrap_or(t.dtype());
+        let len = t.elem_count() * dt.size_in_bytes();
+        let st_dtype = match dt {
+            candle_core::DType::F32 => "F32",
+            candle_core::DType::F16 => "F16",
+            candle_core::DType::BF16 => "BF16",
+            candle_core::DType::F64 => "F64",
+            candle_core::DType::I64 => "I64",
+            candle_core::DType::U8 => "U8",
+            candle_core::DType::U32 => "U32",
+            other => return Err(fail(&format!("cannot write {other:?} tensors"))),
+        };
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": st_dtype, "shape": t.dims(), "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut head = serde_json::to_vec(&header).map_err(|e| fail(&e))?;
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    crate::util::atomic::write_atomic_with(path, |w| {
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for (_, t) in &order {
+            let t = match dtype {
+                Some(d) if d != t.dtype() => t.to_dtype(d).map_err(std::io::Error::other)?,
+                _ => t.clone(),
+            };
+            let t = t.to_device(&Device::Cpu).map_err(std::io::Error::other)?;
+            w.write_all(&t.data())?;
+        }
+        Ok(())
+    })
+    .map_err(|e| fail(&e))
+}
+
+/// safetensors bytes of `tensors` with string `metadata` (tensor order as the format lays
+/// it out, so equal tensors give equal data bytes).
+pub fn serialize(
+    tensors: &[(String, Tensor)],
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<u8>, String> {
+    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    let meta = (!meta.is_empty()).then_some(meta);
+    safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), meta)
+        .map_err(|e| format!("cannot serialize tensors: {e}"))
+}
+
+/// Every tensor of a (small) safetensors file on the CPU, and its string metadata; errors
+/// name the file.
+pub fn read_with_metadata(
+    path: &Path,
+) -> Result<
+    (
+        std::collections::BTreeMap<String, Tensor>,
+        std::collections::BTreeMap<String, String>,
+    ),
+    String,
+> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| format!("{}: not a safetensors file: {e}", path.display()))?;
+    let metadata = meta
+        .metadata()
+        .clone()
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .into_iter()
+        .collect();
+    Ok((tensors, metadata))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,42 +224,4 @@ mod tests {
         std::fs::write(&p, b"hello world, not a model").unwrap();
         assert!(read_all(&p).unwrap_err().contains("not a safetensors file"));
     }
-}
-
-/// safetensors bytes of `tensors` with string `metadata` (tensor order as the format lays
-/// it out, so equal tensors give equal data bytes).
-pub fn serialize(
-    tensors: &[(String, Tensor)],
-    metadata: &std::collections::BTreeMap<String, String>,
-) -> Result<Vec<u8>, String> {
-    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let meta = (!meta.is_empty()).then_some(meta);
-    safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), meta)
-        .map_err(|e| format!("cannot serialize tensors: {e}"))
-}
-
-/// Every tensor of a (small) safetensors file on the CPU, and its string metadata; errors
-/// name the file.
-pub fn read_with_metadata(
-    path: &Path,
-) -> Result<
-    (
-        std::collections::BTreeMap<String, Tensor>,
-        std::collections::BTreeMap<String, String>,
-    ),
-    String,
-> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| format!("{}: not a safetensors file: {e}", path.display()))?;
-    let metadata = meta
-        .metadata()
-        .clone()
-        .map(|m| m.into_iter().collect())
-        .unwrap_or_default();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .into_iter()
-        .collect();
-    Ok((tensors, metadata))
 }

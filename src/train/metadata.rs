@@ -62,12 +62,40 @@ fn base_model_version(arch: Arch, p: Prediction) -> &'static str {
     }
 }
 
-fn architecture(arch: Arch, p: Prediction) -> &'static str {
-    match (arch, p) {
-        (Arch::Sd1, _) => "stable-diffusion-v1/lora",
-        (Arch::Sd2, Prediction::VPrediction) => "stable-diffusion-v2-768-v/lora",
-        (Arch::Sd2, Prediction::Epsilon) => "stable-diffusion-v2-512/lora",
-    }
+/// The SAI model spec (`library/sai_model_spec.py`) of a file: `kind` is `lora`,
+/// `textual-inversion`, ... or `None` for a whole checkpoint.
+pub fn modelspec(
+    kind: Option<&str>,
+    title: &str,
+    (arch, prediction): (Arch, Prediction),
+    (w, h): (usize, usize),
+    unix_time: u64,
+) -> BTreeMap<String, String> {
+    let base = match (arch, prediction) {
+        (Arch::Sd1, _) => "stable-diffusion-v1",
+        (Arch::Sd2, Prediction::VPrediction) => "stable-diffusion-v2-768-v",
+        (Arch::Sd2, Prediction::Epsilon) => "stable-diffusion-v2-512",
+    };
+    let architecture = match kind {
+        Some(k) => format!("{base}/{k}"),
+        None => base.to_string(),
+    };
+    let prediction = match prediction {
+        Prediction::Epsilon => "epsilon",
+        Prediction::VPrediction => "v",
+    };
+    [
+        ("modelspec.sai_model_spec", "1.0.1".to_string()),
+        ("modelspec.architecture", architecture),
+        ("modelspec.implementation", "diffusers".into()),
+        ("modelspec.title", title.into()),
+        ("modelspec.resolution", format!("{w}x{h}")),
+        ("modelspec.date", iso_date(unix_time)),
+        ("modelspec.prediction_type", prediction.into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// ISO date of a unix time (UTC), for `modelspec.date`.
@@ -275,23 +303,13 @@ pub fn lora_metadata(o: &LoraOptions, f: &RunFacts) -> BTreeMap<String, String> 
     put("ss_new_sd_model_hash", "".into());
     put("ss_vae_name", "None".into());
     // modelspec (sai_model_spec.py).
-    put("modelspec.sai_model_spec", "1.0.1".into());
-    put(
-        "modelspec.architecture",
-        architecture(f.arch, f.prediction).into(),
-    );
-    put("modelspec.implementation", "diffusers".into());
-    put("modelspec.title", o.output_name.clone());
-    put("modelspec.resolution", format!("{w}x{h}"));
-    put("modelspec.date", iso_date(f.finished));
-    put(
-        "modelspec.prediction_type",
-        match f.prediction {
-            Prediction::Epsilon => "epsilon",
-            Prediction::VPrediction => "v",
-        }
-        .into(),
-    );
+    m.extend(modelspec(
+        Some("lora"),
+        &o.output_name,
+        (f.arch, f.prediction),
+        (w as usize, h as usize),
+        f.finished,
+    ));
     m
 }
 

@@ -19,6 +19,8 @@ pub struct VarGroup {
     pub name: String,
     pub vars: Vec<Var>,
     pub lr: f64,
+    /// The group stops training after this many steps (rate 0, no gradients).
+    pub until: Option<u64>,
 }
 
 /// Counts `--dry-run` prints.
@@ -51,6 +53,10 @@ pub trait Method {
     fn load_state(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), String>;
     /// Write the output file at `path` (atomically), `dtype` from `--save-precision`.
     fn save(&self, path: &Path, facts: &RunFacts, dtype: DType) -> Result<(), String>;
+    /// After the final save at `path`: extra outputs of the final model only.
+    fn finish(&self, _path: &Path, _facts: &RunFacts, _dtype: DType) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// LoRA / LoCon in kohya's format.
@@ -77,6 +83,7 @@ impl Method for LoraMethod<'_> {
                 name: name.into(),
                 vars,
                 lr: lr.unwrap_or(o.learning_rate),
+                until: None,
             })
         })
         .collect()
@@ -145,6 +152,7 @@ impl Method for HypernetworkMethod<'_> {
             name: "hypernetwork".into(),
             vars: self.net.vars(),
             lr: self.o.learning_rate,
+            until: None,
         }]
     }
 
@@ -210,6 +218,7 @@ impl Method for EmbeddingMethod<'_> {
             name: "embedding".into(),
             vars: self.te.vars(),
             lr: self.o.learning_rate,
+            until: None,
         }]
     }
 

@@ -8,6 +8,7 @@
 //! (the loop).
 
 pub mod data;
+pub mod dreambooth;
 pub mod latents;
 pub mod lr;
 pub mod metadata;

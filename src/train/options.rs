@@ -422,3 +422,78 @@ impl TextualInversionOptions {
             .unwrap_or_else(|| self.output_name.clone())
     }
 }
+
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[command(after_help = "Examples:\n  \
+    sdkit train dreambooth --model v1-5-pruned-emaonly.safetensors --data train/ --out db/ \\\n    \
+    --output-name ohwx-dog --learning-rate 1e-6 --max-train-steps 800 --gradient-checkpointing \\\n    \
+    --class-prompt \"a photo of a dog\" --num-class-images 200 --prior-loss-weight 1.0\n\n\
+DATA holds the instance images (<repeats>_<name> folders); class (regularisation) images come\n\
+from --reg or DATA/reg. With --class-prompt, the missing class images are generated first into\n\
+REG/1_<class prompt>/ (REG defaults to OUT/class_images), resumably.\n\
+Files: OUT/NAME.safetensors, a single-file checkpoint (webui's models/Stable-diffusion/),\n\
+OUT/NAME-000004.safetensors per saved epoch, OUT/NAME/ (diffusers folder) with --save-diffusers,\n\
+OUT/NAME-state/ with --save-state.")]
+pub struct DreamBoothOptions {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub train: TrainOptions,
+    /// Also train the text encoder (kohya trains it unless --stop-text-encoder-training
+    /// is negative; diffusers only with this flag).
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    /// Stop training the text encoder after this many steps (implies
+    /// --train-text-encoder).
+    #[arg(long)]
+    pub stop_text_encoder_training: Option<u64>,
+    /// Learning rate of the text encoder (default: --learning-rate).
+    #[arg(long, alias = "learning-rate-te")]
+    pub text_encoder_lr: Option<f64>,
+    /// Generate missing class images with this prompt (the frozen model) before training.
+    #[arg(long)]
+    pub class_prompt: Option<String>,
+    /// How many class images the class folder should hold (with --class-prompt).
+    #[arg(long, default_value_t = 100)]
+    pub num_class_images: usize,
+    /// Sampling steps of each generated class image (sampler: --sample-sampler).
+    #[arg(long, default_value_t = 30)]
+    pub class_steps: usize,
+    /// Also write the final model as a diffusers folder OUT/NAME/.
+    #[arg(long)]
+    pub save_diffusers: bool,
+}
+
+impl std::ops::Deref for DreamBoothOptions {
+    type Target = TrainOptions;
+    fn deref(&self) -> &TrainOptions {
+        &self.train
+    }
+}
+
+impl DreamBoothOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        self.train.validate()?;
+        if self.mixed_precision != MixedPrecision::No {
+            let mp = if self.mixed_precision == MixedPrecision::Fp16 {
+                "fp16"
+            } else {
+                "bf16"
+            };
+            return Err(format!(
+                "--mixed-precision {mp} with dreambooth: the trained weights are kept in f32 (half-precision weights lose small updates); use --mixed-precision no"
+            ));
+        }
+        if self.class_prompt.is_some() && self.num_class_images == 0 {
+            return Err("--class-prompt needs --num-class-images of at least 1".into());
+        }
+        if self.class_steps == 0 {
+            return Err("--class-steps must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Whether the text encoder trains (at all).
+    pub fn trains_text_encoder(&self) -> bool {
+        self.train_text_encoder || self.stop_text_encoder_training.is_some_and(|n| n > 0)
+    }
+}

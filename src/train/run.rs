@@ -4,15 +4,16 @@
 //! logs, sample images and saves at their cadences; a final save.
 
 use super::data::{self, CaptionOptions, DataOptions, Dataset};
+use super::dreambooth::{DreamBoothMethod, Frozen};
 use super::latents::{LatentCache, vae_fingerprint};
 use super::lr::{Schedule, warmup_steps};
 use super::metadata::RunFacts;
-use super::method::{EmbeddingMethod, HypernetworkMethod, LoraMethod, Method};
+use super::method::{EmbeddingMethod, HypernetworkMethod, LoraMethod, Method, Size};
 use super::objective::Objective;
 use super::optim::{Group, Hyper, Optimizer, clip_grad_norm};
 use super::options::{
-    DeviceArg, HypernetworkOptions, LoraOptions, MixedPrecision, SampleSampler, SavePrecision,
-    TextualInversionOptions, TrainOptions,
+    DeviceArg, DreamBoothOptions, HypernetworkOptions, LoraOptions, MixedPrecision, SampleSampler,
+    SavePrecision, TextualInversionOptions, TrainOptions,
 };
 use super::rng::{Purpose, Rng};
 use super::samples::{self, SamplePrompt};
@@ -23,7 +24,7 @@ use crate::dataset::bucket::BucketSpec;
 use crate::formats::tensorboard::EventWriter;
 use crate::model::clip::ClipTextModel;
 use crate::model::loader::{self, LoadOptions};
-use crate::model::pipeline::{Models, pad_for};
+use crate::model::pipeline::{BaseVars, Models, pad_for};
 use crate::model::prompt::kohya_chunks_with;
 use crate::model::samplers::SamplerKind;
 use crate::model::schedule::DdpmSchedule;
@@ -71,6 +72,10 @@ pub struct Plan {
     pub trainable_parameters: usize,
     pub memory_estimate_gb: f64,
     pub seed: u64,
+    /// DreamBooth with --class-prompt: class images still to generate (not in the
+    /// counts above until they exist).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_images_to_generate: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -181,11 +186,18 @@ pub fn encode_captions(
 /// (BENCHMARKS.md, 512 px, batch 1, f32): peak RSS 11.0 GB, 5.96 GB with gradient
 /// checkpointing, i.e. ~5.7 GB of activations per 64x64 latent image (~0.7 GB when
 /// recomputed), scaled by latent area, batch and element size.
-fn memory_estimate(models: &Models, params: usize, ds: &Dataset, o: &TrainOptions) -> f64 {
+fn memory_estimate(models: &Models, size: &Size, ds: &Dataset, o: &TrainOptions) -> f64 {
     let (batch, dt) = (o.batch_size, dtype(o.mixed_precision));
     let w = models.info.unet.block_out_channels.iter().sum::<usize>() as f64 / 2880.0;
     let weights_gb = 4.3 * w * dt.size_in_bytes() as f64 / 4.0;
-    let adapter_gb = params as f64 * 4.0 * 4.0 / 1e9;
+    // Per trained parameter: the optimizer's state, its gradient, and either its f32 copy
+    // (an adapter) or, for a base weight (counted above), the clipped gradient's copy.
+    let state = match o.optimizer {
+        super::optim::OptimizerKind::Sgd | super::optim::OptimizerKind::Lion => 4.0,
+        super::optim::OptimizerKind::Prodigy => 16.0,
+        _ => 8.0,
+    };
+    let adapter_gb = size.parameters as f64 * (8.0 + state) / 1e9;
     let overhead_gb = 0.9 * w;
     let max_area = ds
         .bucket_counts()
@@ -282,12 +294,31 @@ impl Ctx<'_> {
     }
 }
 
+/// Which of the base model's own weights train (DreamBooth); none for the adapters.
+#[derive(Clone, Copy, Default)]
+struct BaseTraining {
+    unet: bool,
+    text_encoder: bool,
+}
+
+/// What a full fine-tune gets besides the model: the trainable base weights and the
+/// frozen tensors a checkpoint save writes back (empty for the adapters).
+#[derive(Default)]
+struct Base {
+    vars: BaseVars,
+    frozen: Frozen,
+}
+
 /// Attaches a method's trainable part to the loaded model (seeded init stream given).
-type Attach<'a> =
-    dyn FnOnce(&mut Models, &mut Rng, &Device) -> Result<Box<dyn Method + 'a>, TrainError> + 'a;
+type Attach<'a> = dyn FnOnce(&mut Models, Base, &mut Rng, &Device) -> Result<Box<dyn Method + 'a>, TrainError>
+    + 'a;
 
 /// Everything a run needs before the first step; `--dry-run` stops after it.
-fn prepare<'a>(o: &'a TrainOptions, attach: Box<Attach<'a>>) -> Result<Ctx<'a>, TrainError> {
+fn prepare<'a>(
+    o: &'a TrainOptions,
+    attach: Box<Attach<'a>>,
+    base: BaseTraining,
+) -> Result<Ctx<'a>, TrainError> {
     o.validate().map_err(input)?;
     let (rw, rh) = o.resolution().map_err(input)?;
     if !o.data.is_dir() {
@@ -341,10 +372,24 @@ fn prepare<'a>(o: &'a TrainOptions, attach: Box<Attach<'a>>) -> Result<Ctx<'a>, 
         device: dev.clone(),
         prediction: o.prediction_override(),
     };
-    let ck = loader::open(&o.model, &lopts).map_err(input)?;
-    let mut models = Models::new(ck).map_err(input)?;
+    let mut ck = loader::open(&o.model, &lopts).map_err(input)?;
+    let mut frozen = Frozen::default();
+    if base.unet || base.text_encoder {
+        ck.unet.set_trainable(move |_| base.unet);
+        ck.text_encoder.set_trainable(move |_| base.text_encoder);
+        frozen = Frozen {
+            vae: ck.vae.snapshot(),
+            text_encoder: ck.text_encoder.snapshot(),
+            passthrough: ck
+                .passthrough
+                .iter()
+                .map(|(k, t)| (k.clone(), t.clone()))
+                .collect(),
+        };
+    }
+    let (mut models, vars) = Models::new_with_vars(ck).map_err(input)?;
     let mut init = Rng::stream(seed, Purpose::Init, 0);
-    let method = attach(&mut models, &mut init, &dev)?;
+    let method = attach(&mut models, Base { vars, frozen }, &mut init, &dev)?;
     let batches = ds.batches_per_epoch(o.batch_size);
     let steps_per_epoch = batches.div_ceil(o.gradient_accumulation_steps);
     let total_steps = match o.max_train_epochs {
@@ -370,8 +415,9 @@ fn prepare<'a>(o: &'a TrainOptions, attach: Box<Attach<'a>>) -> Result<Ctx<'a>, 
         unet_modules: size.unet_modules,
         text_encoder_modules: size.text_encoder_modules,
         trainable_parameters: size.parameters,
-        memory_estimate_gb: memory_estimate(&models, size.parameters, &ds, o),
+        memory_estimate_gb: memory_estimate(&models, &size, &ds, o),
         seed,
+        class_images_to_generate: None,
     };
     Ok(Ctx {
         o,
@@ -389,7 +435,8 @@ pub trait Progress {
     fn start(&mut self, total_steps: u64, done: u64);
     fn step(&mut self, step: u64, loss: f64, lr: f64);
     fn message(&mut self, msg: &str);
-    fn caching(&mut self, total: u64) -> Box<dyn FnMut() + '_>;
+    /// A progress bar labelled `label` over `total` items; call the closure per item.
+    fn bar(&mut self, label: &str, total: u64) -> Box<dyn FnMut() + '_>;
     fn finish(&mut self);
 }
 
@@ -397,7 +444,7 @@ pub trait Progress {
 fn lora(o: &LoraOptions) -> Result<Box<Attach<'_>>, TrainError> {
     o.validate().map_err(input)?;
     Ok(Box::new(
-        move |models: &mut Models, init: &mut Rng, dev: &Device| {
+        move |models: &mut Models, _: Base, init: &mut Rng, dev: &Device| {
             let shape = LoraShape {
                 dim: o.network_dim,
                 alpha: o.network_alpha,
@@ -417,7 +464,7 @@ fn lora(o: &LoraOptions) -> Result<Box<Attach<'_>>, TrainError> {
 fn hypernetwork(o: &HypernetworkOptions) -> Result<Box<Attach<'_>>, TrainError> {
     o.shape.validate().map_err(input)?;
     Ok(Box::new(
-        move |models: &mut Models, init: &mut Rng, dev: &Device| {
+        move |models: &mut Models, _: Base, init: &mut Rng, dev: &Device| {
             let widths = crate::adapters::hypernetwork::default_widths(&models.unet.config);
             let net = Hypernetwork::create(&o.shape, &widths, init, dev).map_err(input)?;
             net.attach(&mut models.unet, 1.0);
@@ -436,7 +483,7 @@ fn embedding(o: &TextualInversionOptions) -> Result<Box<Attach<'_>>, TrainError>
     };
     let (rw, rh) = o.resolution().map_err(input)?;
     Ok(Box::new(
-        move |models: &mut Models, _: &mut Rng, _: &Device| {
+        move |models: &mut Models, _: Base, _: &mut Rng, _: &Device| {
             use crate::adapters::embedding::{Embedding, TrainableEmbedding};
             let name = o.name();
             let tok = ClipTokenizer::shared();
@@ -460,9 +507,120 @@ fn embedding(o: &TextualInversionOptions) -> Result<Box<Attach<'_>>, TrainError>
     ))
 }
 
+/// DreamBooth: the base UNet (and text encoder) weights themselves train.
+fn dreambooth(o: &DreamBoothOptions) -> Result<(Box<Attach<'_>>, BaseTraining), TrainError> {
+    o.validate().map_err(input)?;
+    let base = BaseTraining {
+        unet: true,
+        text_encoder: o.trains_text_encoder(),
+    };
+    let attach = Box::new(
+        move |models: &mut Models, b: Base, _: &mut Rng, _: &Device| {
+            Ok(Box::new(DreamBoothMethod {
+                o,
+                info: models.info.clone(),
+                unet: b.vars.unet,
+                text_encoder: b.vars.text_encoder,
+                frozen: b.frozen,
+            }) as Box<dyn Method>)
+        },
+    );
+    Ok((attach, base))
+}
+
+/// Where generated class images go: `--reg`, else OUT/class_images.
+fn class_reg(o: &DreamBoothOptions) -> PathBuf {
+    o.reg.clone().unwrap_or_else(|| o.out.join("class_images"))
+}
+
+/// The options a DreamBooth run trains with: with --class-prompt, the reg folder is the
+/// one the class images go to.
+fn with_class_reg(o: &DreamBoothOptions) -> DreamBoothOptions {
+    let mut o = o.clone();
+    if o.class_prompt.is_some() {
+        o.train.reg = Some(class_reg(&o));
+    }
+    o
+}
+
+/// Fill the class folder up to --num-class-images with the frozen model.
+fn make_class_images(o: &DreamBoothOptions, ui: &mut dyn Progress) -> Result<(), TrainError> {
+    let Some(prompt) = &o.class_prompt else {
+        return Ok(());
+    };
+    let dir = super::dreambooth::class_dir(&class_reg(o), prompt);
+    if super::dreambooth::missing(&dir, o.num_class_images) == 0 {
+        return Ok(());
+    }
+    let (w, h) = o.resolution().map_err(input)?;
+    let lopts = LoadOptions {
+        dtype: dtype(o.mixed_precision),
+        device: device(o.device)?,
+        prediction: o.prediction_override(),
+    };
+    let ck = loader::open(&o.model, &lopts).map_err(input)?;
+    let models = Models::new(ck).map_err(input)?;
+    let todo = super::dreambooth::missing(&dir, o.num_class_images) as u64;
+    ui.message(&format!(
+        "generating {todo} class images of {prompt:?} into {}",
+        dir.display()
+    ));
+    let mut tick = ui.bar("class images", todo);
+    let job = super::dreambooth::ClassImages {
+        dir: &dir,
+        prompt,
+        n: o.num_class_images,
+        size: (w as usize, h as usize),
+        steps: o.class_steps,
+        sampler: sampler_kind(o.sample_sampler),
+        seed: o.seed.unwrap_or(0),
+        caption_extension: &o.caption_extension,
+    };
+    super::dreambooth::generate_class_images(&models, &job, &mut *tick).map_err(run_err)?;
+    Ok(())
+}
+
+/// Plan of a DreamBooth run (`--dry-run`); `class_images_to_generate` is set.
+pub fn plan_dreambooth(o: &DreamBoothOptions) -> Result<Plan, TrainError> {
+    let o = with_class_reg(o);
+    if let Some(reg) = &o.reg
+        && !reg.is_dir()
+        && o.class_prompt.is_some()
+    {
+        // Nothing generated yet: plan without the reg folder.
+        let mut bare = o.clone();
+        bare.train.reg = None;
+        return plan_dreambooth_in(&bare, &o);
+    }
+    plan_dreambooth_in(&o, &o)
+}
+
+fn plan_dreambooth_in(o: &DreamBoothOptions, full: &DreamBoothOptions) -> Result<Plan, TrainError> {
+    let (attach, base) = dreambooth(o)?;
+    let mut plan = prepare(o, attach, base)?.plan;
+    if let Some(p) = &full.class_prompt {
+        let dir = super::dreambooth::class_dir(&class_reg(full), p);
+        plan.class_images_to_generate =
+            Some(super::dreambooth::missing(&dir, full.num_class_images));
+    }
+    Ok(plan)
+}
+
+/// Generate missing class images, then fine-tune; returns the report.
+pub fn train_dreambooth(
+    o: &DreamBoothOptions,
+    ui: &mut dyn Progress,
+) -> Result<Report, TrainError> {
+    o.validate().map_err(input)?;
+    make_class_images(o, ui)?;
+    let o = with_class_reg(o);
+    let (attach, base) = dreambooth(&o)?;
+    train(&o, attach, base, ui)
+}
+
 /// Plan of a textual-inversion run (`--dry-run`).
 pub fn plan_textual_inversion(o: &TextualInversionOptions) -> Result<Plan, TrainError> {
-    Ok(prepare(o, embedding(o)?)?.plan)
+    Ok(prepare(o, embedding(o)?, BaseTraining::default())?.plan)
 }
 
 /// Train a textual-inversion embedding; returns the report.
@@ -470,12 +628,12 @@ pub fn train_textual_inversion(
     o: &TextualInversionOptions,
     ui: &mut dyn Progress,
 ) -> Result<Report, TrainError> {
-    train(o, embedding(o)?, ui)
+    train(o, embedding(o)?, BaseTraining::default(), ui)
 }
 
 /// Plan of a hypernetwork run (`--dry-run`).
 pub fn plan_hypernetwork(o: &HypernetworkOptions) -> Result<Plan, TrainError> {
-    Ok(prepare(o, hypernetwork(o)?)?.plan)
+    Ok(prepare(o, hypernetwork(o)?, BaseTraining::default())?.plan)
 }
 
 /// Train a webui hypernetwork; returns the report.
@@ -483,27 +641,28 @@ pub fn train_hypernetwork(
     o: &HypernetworkOptions,
     ui: &mut dyn Progress,
 ) -> Result<Report, TrainError> {
-    train(o, hypernetwork(o)?, ui)
+    train(o, hypernetwork(o)?, BaseTraining::default(), ui)
 }
 
 /// Plan only (`--dry-run`).
 pub fn plan(o: &LoraOptions) -> Result<Plan, TrainError> {
-    Ok(prepare(o, lora(o)?)?.plan)
+    Ok(prepare(o, lora(o)?, BaseTraining::default())?.plan)
 }
 
 /// Train a LoRA; returns the report.
 pub fn train_lora(o: &LoraOptions, ui: &mut dyn Progress) -> Result<Report, TrainError> {
-    train(o, lora(o)?, ui)
+    train(o, lora(o)?, BaseTraining::default(), ui)
 }
 
 /// The training loop shared by every method.
 fn train<'a>(
     o: &'a TrainOptions,
     attach: Box<Attach<'a>>,
+    base: BaseTraining,
     ui: &mut dyn Progress,
 ) -> Result<Report, TrainError> {
     let t0 = std::time::Instant::now();
-    let mut cx = prepare(o, attach)?;
+    let mut cx = prepare(o, attach, base)?;
     let dev = cx.models.unet.conv_in.weight.tensor().device().clone();
     crate::util::atomic::create_dir_all(&o.out)
         .map_err(|e| input(format!("{}: {e}", o.out.display())))?;
@@ -531,12 +690,19 @@ fn train<'a>(
         .map_err(input)?;
     let mut groups = Vec::new();
     let mut base_lrs = Vec::new();
+    let mut untils = Vec::new();
+    // The step from which the text encoder is frozen (--stop-text-encoder-training).
+    let mut text_stop = None;
     for g in cx.method.groups() {
+        if g.name == "text_encoder" {
+            text_stop = g.until;
+        }
         groups.push(Group {
             name: g.name,
             vars: g.vars,
         });
         base_lrs.push(g.lr);
+        untils.push(g.until);
     }
     if o.optimizer == super::optim::OptimizerKind::Prodigy {
         let rates: Vec<f64> = base_lrs.iter().copied().filter(|&r| r > 0.0).collect();
@@ -632,7 +798,7 @@ fn train<'a>(
             .collect();
         let n_jobs = jobs.len();
         let t = std::time::Instant::now();
-        let mut tick = ui.caching(n_jobs as u64);
+        let mut tick = ui.bar("latents", n_jobs as u64);
         for (i, f) in jobs {
             cache
                 .get(&cx.models.vae, i, &cx.ds.items[i], f, &dev)
@@ -721,14 +887,21 @@ fn train<'a>(
                     ck.clear()?;
                 }
                 let x0 = (Tensor::cat(&lat, 0)? * scaling)?.to_dtype(cx.models.unet.dtype())?;
-                let ctx = encode_captions(
-                    &cx.models.clip,
-                    &caps,
-                    o.max_token_length,
-                    pad,
-                    cx.clip_skip(),
-                    &dev,
-                )?;
+                let encode = || {
+                    encode_captions(
+                        &cx.models.clip,
+                        &caps,
+                        o.max_token_length,
+                        pad,
+                        cx.clip_skip(),
+                        &dev,
+                    )
+                };
+                let ctx = if text_stop.is_some_and(|u| pos.step >= u) {
+                    crate::model::grad::no_grad(encode)?
+                } else {
+                    encode()?
+                };
                 let mut rng = Rng::stream(seed, Purpose::Noise, pos.micro);
                 let n = objective.noise(&sched, &x0, &mut rng)?;
                 let t = Tensor::from_vec(
@@ -806,7 +979,14 @@ fn train<'a>(
             if o.max_grad_norm > 0.0 {
                 clip_grad_norm(&mut grads, o.max_grad_norm).map_err(run_err)?;
             }
-            let lrs: Vec<f64> = base_lrs.iter().map(|&b| schedule.lr(b, pos.step)).collect();
+            let lrs: Vec<f64> = base_lrs
+                .iter()
+                .zip(&untils)
+                .map(|(&b, u)| match u {
+                    Some(u) if pos.step >= *u => 0.0,
+                    _ => schedule.lr(b, pos.step),
+                })
+                .collect();
             opt.step(&grads, &lrs).map_err(run_err)?;
             pos.step += 1;
             step_times.push(step_start.elapsed().as_secs_f64());
@@ -899,6 +1079,9 @@ fn train<'a>(
     }
     let final_path = cx.file(&o.output_name);
     save_point(&cx, &opt, &pos, &final_path)?;
+    cx.method
+        .finish(&final_path, &cx.facts(pos.epoch, pos.step), save_dtype(o))
+        .map_err(run_err)?;
     saved.push(final_path.clone());
     ui.finish();
     Ok(Report {

@@ -83,6 +83,57 @@ pub fn timestamp() -> String {
     format!("{y:04}{mo:02}{d:02}{h:02}{mi:02}{s:02}")
 }
 
+/// Render one prompt with the model as it is now (adapters attached) at `seed`: the RGB
+/// pixels and webui's generation parameters.
+pub fn render_one(
+    models: &Models,
+    p: &SamplePrompt,
+    sampler: SamplerKind,
+    clip_skip: usize,
+    seed: u64,
+) -> Result<(Vec<u8>, GenParams), String> {
+    let req = Request {
+        prompt: p.prompt.clone(),
+        negative: p.negative.clone(),
+        steps: p.steps,
+        cfg: p.cfg,
+        sampler,
+        width: p.width,
+        height: p.height,
+        clip_skip,
+    };
+    let shape = models
+        .latent_shape(p.width, p.height)
+        .map_err(|e| e.to_string())?;
+    let mut rng = SeededNoise::new(seed);
+    let dev = models.unet.conv_in.weight.tensor().device().clone();
+    let noise = rng
+        .latent(shape, &Device::Cpu)
+        .and_then(|n| Ok(n.to_device(&dev)?))
+        .map_err(|e| e.to_string())?;
+    // No graph: sampling never backpropagates, even through trainable weights.
+    let img = crate::model::grad::no_grad(|| {
+        pipeline::generate(models, &req, &noise, &mut rng, &mut || {})
+    })
+    .map_err(|e| format!("sample {:?}: {e}", p.prompt))?;
+    let rgb = pipeline::to_rgb8(&img).map_err(|e| e.to_string())?;
+    let params = GenParams {
+        prompt: p.prompt.clone(),
+        negative: p.negative.clone(),
+        steps: p.steps,
+        sampler: sampler.a1111_name().to_string(),
+        cfg_scale: p.cfg,
+        seed,
+        width: p.width,
+        height: p.height,
+        model_hash: None,
+        model: None,
+        clip_skip,
+        extra: vec![],
+    };
+    Ok((rgb, params))
+}
+
 /// Render every prompt with the model as it is now (adapters attached); returns the files.
 #[allow(clippy::too_many_arguments)]
 pub fn render(
@@ -102,42 +153,7 @@ pub fn render(
         let seed = p
             .seed
             .unwrap_or(fallback_seed.wrapping_add(i as u64) % 4_294_967_295);
-        let req = Request {
-            prompt: p.prompt.clone(),
-            negative: p.negative.clone(),
-            steps: p.steps,
-            cfg: p.cfg,
-            sampler,
-            width: p.width,
-            height: p.height,
-            clip_skip,
-        };
-        let shape = models
-            .latent_shape(p.width, p.height)
-            .map_err(|e| e.to_string())?;
-        let mut rng = SeededNoise::new(seed);
-        let dev = models.unet.conv_in.weight.tensor().device().clone();
-        let noise = rng
-            .latent(shape, &Device::Cpu)
-            .and_then(|n| Ok(n.to_device(&dev)?))
-            .map_err(|e| e.to_string())?;
-        let img = pipeline::generate(models, &req, &noise, &mut rng, &mut || {})
-            .map_err(|e| format!("sample {:?}: {e}", p.prompt))?;
-        let rgb = pipeline::to_rgb8(&img).map_err(|e| e.to_string())?;
-        let params = GenParams {
-            prompt: p.prompt.clone(),
-            negative: p.negative.clone(),
-            steps: p.steps,
-            sampler: sampler.a1111_name().to_string(),
-            cfg_scale: p.cfg,
-            seed,
-            width: p.width,
-            height: p.height,
-            model_hash: None,
-            model: None,
-            clip_skip,
-            extra: vec![],
-        };
+        let (rgb, params) = render_one(models, p, sampler, clip_skip, seed)?;
         let path = out_dir.join(format!("{name}_{suffix}_{i:02}_{ts}.png"));
         png_params::write_png(
             &path,

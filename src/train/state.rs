@@ -62,14 +62,13 @@ pub fn save(
         let p = tmp.path().join(name);
         std::fs::write(&p, bytes).map_err(|e| err(&p, e))
     };
-    write(
-        "adapter.safetensors",
-        &crate::formats::safetensors::serialize(adapter, &none)?,
-    )?;
-    write(
-        "optimizer.safetensors",
-        &crate::formats::safetensors::serialize(optimizer, &none)?,
-    )?;
+    // Streamed: a DreamBooth state holds the whole model and its optimizer (GBs).
+    for (name, tensors) in [
+        ("adapter.safetensors", adapter),
+        ("optimizer.safetensors", optimizer),
+    ] {
+        crate::formats::safetensors::write_streaming(&tmp.path().join(name), tensors, None, &none)?;
+    }
     let json = serde_json::to_string_pretty(info).map_err(|e| e.to_string())?;
     write("state.json", json.as_bytes())?;
     for f in ["adapter.safetensors", "optimizer.safetensors", "state.json"] {

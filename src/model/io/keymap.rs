@@ -233,6 +233,138 @@ pub fn clip_from_ldm(key: &str) -> Option<String> {
         .then(|| format!("text_model.{key}"))
 }
 
+// --- diffusers / HF names back to LDM (writing single-file checkpoints) -------------
+
+/// Inverse of a rename table.
+fn unrename(rest: &str, table: &[(&str, &str)]) -> Option<String> {
+    table
+        .iter()
+        .find_map(|(from, to)| rest.strip_prefix(to).map(|t| format!("{from}{t}")))
+}
+
+/// Split `a.rest` into (a, rest) with a a number.
+fn one_index(s: &str) -> Option<(usize, &str)> {
+    let (a, rest) = s.split_once('.')?;
+    Some((a.parse().ok()?, rest))
+}
+
+/// diffusers UNet key to its LDM name (without `model.diffusion_model.`): the inverse of
+/// [`unet_from_ldm`]. `up_attention[b]` tells whether up block `b` has attentions (its
+/// upsampler is then the block's third module, `.2.conv`).
+pub fn unet_to_ldm(key: &str, layers_per_block: usize, up_attention: &[bool]) -> Option<String> {
+    if let Some(n) = unrename(key, UNET_TOP) {
+        return Some(n);
+    }
+    let per = layers_per_block + 1;
+    if let Some(s) = key.strip_prefix("down_blocks.") {
+        let (b, rest) = one_index(s)?;
+        if let Some(t) = rest.strip_prefix("downsamplers.0.conv.") {
+            return Some(format!(
+                "input_blocks.{}.0.op.{t}",
+                1 + b * per + layers_per_block
+            ));
+        }
+        if let Some(r) = rest.strip_prefix("resnets.") {
+            let (l, t) = one_index(r)?;
+            return Some(format!(
+                "input_blocks.{}.0.{}",
+                1 + b * per + l,
+                unrename(t, UNET_RESNET)?
+            ));
+        }
+        let (l, t) = one_index(rest.strip_prefix("attentions.")?)?;
+        return Some(format!("input_blocks.{}.1.{t}", 1 + b * per + l));
+    }
+    if let Some(s) = key.strip_prefix("mid_block.") {
+        if let Some(r) = s.strip_prefix("resnets.") {
+            let (l, t) = one_index(r)?;
+            let i = match l {
+                0 => 0,
+                1 => 2,
+                _ => return None,
+            };
+            return Some(format!("middle_block.{i}.{}", unrename(t, UNET_RESNET)?));
+        }
+        let t = s.strip_prefix("attentions.0.")?;
+        return Some(format!("middle_block.1.{t}"));
+    }
+    if let Some(s) = key.strip_prefix("up_blocks.") {
+        let (b, rest) = one_index(s)?;
+        if let Some(t) = rest.strip_prefix("upsamplers.0.conv.") {
+            let part = if *up_attention.get(b)? { 2 } else { 1 };
+            return Some(format!(
+                "output_blocks.{}.{part}.conv.{t}",
+                b * per + per - 1
+            ));
+        }
+        if let Some(r) = rest.strip_prefix("resnets.") {
+            let (l, t) = one_index(r)?;
+            return Some(format!(
+                "output_blocks.{}.0.{}",
+                b * per + l,
+                unrename(t, UNET_RESNET)?
+            ));
+        }
+        let (l, t) = one_index(rest.strip_prefix("attentions.")?)?;
+        return Some(format!("output_blocks.{}.1.{t}", b * per + l));
+    }
+    None
+}
+
+/// diffusers VAE key to its LDM name (without `first_stage_model.`): the inverse of
+/// [`vae_from_ldm`]. The mid-block attention weights must also go back to LDM's 1x1 conv
+/// shape ([`vae_ldm_is_conv1x1`]).
+pub fn vae_to_ldm(key: &str, n_blocks: usize) -> Option<String> {
+    let (side, rest) = key.split_once('.')?;
+    if !matches!(side, "encoder" | "decoder") {
+        return matches!(side, "quant_conv" | "post_quant_conv").then(|| key.to_string());
+    }
+    let resnet = |t: &str| match t.strip_prefix("conv_shortcut.") {
+        Some(s) => format!("nin_shortcut.{s}"),
+        None => t.to_string(),
+    };
+    let body = if let Some(s) = rest.strip_prefix("down_blocks.") {
+        let (i, rest) = one_index(s)?;
+        if let Some(t) = rest.strip_prefix("downsamplers.0.conv.") {
+            format!("down.{i}.downsample.conv.{t}")
+        } else {
+            let (j, t) = one_index(rest.strip_prefix("resnets.")?)?;
+            format!("down.{i}.block.{j}.{}", resnet(t))
+        }
+    } else if let Some(s) = rest.strip_prefix("up_blocks.") {
+        let (u, rest) = one_index(s)?;
+        let i = n_blocks.checked_sub(1 + u)?;
+        if let Some(t) = rest.strip_prefix("upsamplers.0.conv.") {
+            format!("up.{i}.upsample.conv.{t}")
+        } else {
+            let (j, t) = one_index(rest.strip_prefix("resnets.")?)?;
+            format!("up.{i}.block.{j}.{}", resnet(t))
+        }
+    } else if let Some(t) = rest.strip_prefix("mid_block.resnets.0.") {
+        format!("mid.block_1.{}", resnet(t))
+    } else if let Some(t) = rest.strip_prefix("mid_block.resnets.1.") {
+        format!("mid.block_2.{}", resnet(t))
+    } else if let Some(t) = rest.strip_prefix("mid_block.attentions.0.") {
+        format!("mid.attn_1.{}", unrename(t, &VAE_ATTENTION[..5])?)
+    } else if let Some(t) = rest.strip_prefix("conv_norm_out.") {
+        format!("norm_out.{t}")
+    } else if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+        rest.to_string()
+    } else {
+        return None;
+    };
+    Some(format!("{side}.{body}"))
+}
+
+/// An LDM VAE key whose weight LDM stores as a 1x1 conv (the mid-block attention's
+/// q / k / v / proj_out), which diffusers keeps as a linear weight.
+pub fn vae_ldm_is_conv1x1(ldm_key: &str) -> bool {
+    ldm_key.contains("mid.attn_1.")
+        && ["q.weight", "k.weight", "v.weight", "proj_out.weight"]
+            .iter()
+            .any(|s| ldm_key.ends_with(&format!(".{s}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,6 +494,55 @@ mod tests {
         assert_eq!(
             clip_from_ldm("encoder.layers.0.mlp.fc1.weight").as_deref(),
             Some("text_model.encoder.layers.0.mlp.fc1.weight")
+        );
+    }
+
+    /// Every key of the SD1.5 / SD2.1 UNets and VAE maps back to the LDM name it came
+    /// from (the real key lists, tests/fixtures/checkpoint/real_keys.json.gz, are checked
+    /// in tests/loader.rs; here the inverse of each forward case).
+    #[test]
+    fn ldm_names_round_trip() {
+        let per_up = [false, true, true, true];
+        for ldm in [
+            "time_embed.2.bias",
+            "input_blocks.0.0.weight",
+            "input_blocks.2.1.proj_in.weight",
+            "input_blocks.3.0.op.weight",
+            "input_blocks.4.0.skip_connection.bias",
+            "input_blocks.11.0.out_layers.3.weight",
+            "middle_block.0.emb_layers.1.weight",
+            "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+            "middle_block.2.in_layers.2.bias",
+            "output_blocks.2.1.conv.weight",
+            "output_blocks.5.2.conv.bias",
+            "output_blocks.5.1.norm.weight",
+            "output_blocks.11.0.skip_connection.weight",
+            "out.2.bias",
+        ] {
+            let d = unet_from_ldm(ldm, 2).unwrap();
+            assert_eq!(unet_to_ldm(&d, 2, &per_up).as_deref(), Some(ldm), "{d}");
+        }
+        for ldm in [
+            "encoder.down.1.block.0.nin_shortcut.weight",
+            "encoder.down.0.downsample.conv.bias",
+            "decoder.up.3.block.2.conv1.weight",
+            "decoder.up.1.upsample.conv.weight",
+            "encoder.mid.block_2.norm1.bias",
+            "decoder.mid.attn_1.proj_out.weight",
+            "decoder.mid.attn_1.norm.bias",
+            "decoder.mid.attn_1.q.weight",
+            "encoder.norm_out.weight",
+            "decoder.conv_out.bias",
+            "post_quant_conv.weight",
+        ] {
+            let d = vae_from_ldm(ldm, 4).unwrap();
+            assert_eq!(vae_to_ldm(&d, 4).as_deref(), Some(ldm), "{d}");
+        }
+        assert!(vae_ldm_is_conv1x1("decoder.mid.attn_1.q.weight"));
+        assert!(!vae_ldm_is_conv1x1("decoder.mid.attn_1.q.bias"));
+        assert_eq!(
+            unet_to_ldm("down_blocks.0.mystery.weight", 2, &per_up),
+            None
         );
     }
 }

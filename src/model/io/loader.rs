@@ -50,6 +50,10 @@ pub struct Checkpoint {
     pub unet: Weights,
     pub vae: Weights,
     pub text_encoder: Weights,
+    /// Tensors of a single file that no component uses but a checkpoint writer puts back,
+    /// by their LDM names: SD2's last OpenCLIP block (the conditioning is the penultimate
+    /// layer's), its `text_projection` and `logit_scale`.
+    pub passthrough: HashMap<String, Tensor>,
 }
 
 #[derive(Clone, Debug)]
@@ -210,7 +214,17 @@ pub fn from_tensors(
         HashMap::new(),
     );
     let mut unknown = Vec::new();
+    let mut passthrough = HashMap::new();
     for (key, t) in tensors {
+        if arch == Arch::Sd2
+            && matches!(
+                key.strip_prefix(LDM_CLIP_SD2),
+                Some("text_projection" | "logit_scale")
+            )
+        {
+            passthrough.insert(key, cast(t, opts)?);
+            continue;
+        }
         if keymap::ignored(&key) {
             continue;
         }
@@ -252,6 +266,23 @@ pub fn from_tensors(
     }
     let mut text = Weights::new(&source, text, opts.dtype, &opts.device);
     if arch == Arch::Sd2 {
+        let blocks = format!("{LDM_CLIP_SD2}transformer.resblocks.");
+        let last = sd2_text
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix(&blocks)?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max();
+        if let Some(last) = last {
+            let p = format!("{blocks}{last}.");
+            for (k, t) in sd2_text.iter().filter(|(k, _)| k.starts_with(&p)) {
+                passthrough.insert(k.clone(), t.clone());
+            }
+        }
         let mut w = Weights::new(&source, sd2_text, opts.dtype, &opts.device);
         clip::map_open_clip_keys(&mut w)?;
         // SD2 conditions on the penultimate block: drop the last one, like diffusers.
@@ -291,7 +322,9 @@ pub fn from_tensors(
         vae: arch::infer_vae(&vae, side.scale_factor.unwrap_or(0.18215))?,
         text: arch::infer_text(&text, None)?,
     };
-    finish(path, info, unet, vae, text)
+    let mut ck = finish(path, info, unet, vae, text)?;
+    ck.passthrough = passthrough;
+    Ok(ck)
 }
 
 fn channels(unet: &Weights) -> Result<Vec<usize>> {
@@ -316,6 +349,7 @@ fn finish(
         unet,
         vae,
         text_encoder,
+        passthrough: HashMap::new(),
     })
 }
 

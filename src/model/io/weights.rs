@@ -58,6 +58,23 @@ impl Weights {
         self
     }
 
+    /// Mark parameters as trainable by path, in place.
+    pub fn set_trainable(&mut self, f: impl Fn(&str) -> bool + 'static) {
+        self.trainable = Box::new(f);
+    }
+
+    /// Every stored tensor by key (cheap: tensors share their storage). Taken before a
+    /// model is built, it keeps the frozen weights at hand for writing a checkpoint.
+    pub fn snapshot(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }

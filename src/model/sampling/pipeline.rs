@@ -164,9 +164,23 @@ pub fn vae_config(p: &VaeParams) -> VaeConfig {
     }
 }
 
+/// The base weights a checkpoint marked trainable (`Weights::set_trainable`), by
+/// diffusers / HF path, as [`Models::new_with_vars`] built them.
+#[derive(Default)]
+pub struct BaseVars {
+    pub unet: Vec<(String, candle_core::Var)>,
+    pub text_encoder: Vec<(String, candle_core::Var)>,
+}
+
 impl Models {
     /// Build the text encoder, UNet and VAE of a loaded checkpoint.
-    pub fn new(mut ck: Checkpoint) -> Result<Self> {
+    pub fn new(ck: Checkpoint) -> Result<Self> {
+        Ok(Self::new_with_vars(ck)?.0)
+    }
+
+    /// [`Models::new`], also returning the parameters the checkpoint's weights marked
+    /// trainable (full fine-tuning).
+    pub fn new_with_vars(mut ck: Checkpoint) -> Result<(Self, BaseVars)> {
         let info = ck.info.clone();
         if info.unet.transformer_layers != 1 {
             return Err(ModelError::Format {
@@ -184,12 +198,19 @@ impl Models {
         )?;
         let unet = UNet2DConditionModel::load(&mut ck.unet, &unet_config(&info.unet))?;
         let vae = AutoencoderKL::load(&mut ck.vae, &vae_config(&info.vae))?;
-        Ok(Self {
-            info,
-            clip,
-            unet,
-            vae,
-        })
+        let vars = BaseVars {
+            unet: ck.unet.vars().to_vec(),
+            text_encoder: ck.text_encoder.vars().to_vec(),
+        };
+        Ok((
+            Self {
+                info,
+                clip,
+                unet,
+                vae,
+            },
+            vars,
+        ))
     }
 }
 

@@ -76,6 +76,27 @@ impl ClipTokenizer {
         })
     }
 
+    /// Hugging Face's `vocab.json` (token -> id) and `merges.txt` (`#version: 0.2`, then
+    /// the merges by rank) of this vocabulary, what `CLIPTokenizer.from_pretrained` reads.
+    pub fn hf_files(&self) -> (String, String) {
+        let vocab: serde_json::Map<String, serde_json::Value> = self
+            .vocab
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.clone(), serde_json::Value::from(i)))
+            .collect();
+        let mut merges: Vec<(&u32, &(u32, u32))> = self.ranks.iter().map(|(p, r)| (r, p)).collect();
+        merges.sort();
+        let mut text = String::from("#version: 0.2\n");
+        for (_, (a, b)) in merges {
+            text.push_str(&self.vocab[*a as usize]);
+            text.push(' ');
+            text.push_str(&self.vocab[*b as usize]);
+            text.push('\n');
+        }
+        (serde_json::Value::Object(vocab).to_string(), text)
+    }
+
     /// Builds from a gzip-compressed `bpe_simple_vocab_16e6.txt`. Only the header and
     /// the merges CLIP uses are decompressed (the file holds many more).
     pub fn from_gz(gz: &[u8]) -> Result<ClipTokenizer, TokenizerError> {
