@@ -176,16 +176,22 @@ pub fn encode_captions(
     Tensor::cat(&parts, 1)
 }
 
-/// Rough peak memory of a step: weights, adapter (weights, gradients, two moments), the
-/// run's own overhead, and activations. Calibrated on the SD1.5 LoRA benchmark
-/// (BENCHMARKS.md, 512 px, batch 1, f32): peak RSS 11.0 GB, 5.96 GB with gradient
-/// checkpointing, i.e. ~5.7 GB of activations per 64x64 latent image (~0.7 GB when
-/// recomputed), scaled by latent area, batch and element size.
-fn memory_estimate(models: &Models, params: usize, ds: &Dataset, o: &TrainOptions) -> f64 {
+/// Rough peak memory of a step: weights, adapter (f32 weights and gradients, and the
+/// optimizer's `state_bytes`), the run's own overhead, and activations. Calibrated on the
+/// SD1.5 LoRA benchmark (BENCHMARKS.md, 512 px, batch 1, f32, AdamW): peak RSS 11.0 GB,
+/// 5.96 GB with gradient checkpointing, i.e. ~5.7 GB of activations per 64x64 latent image
+/// (~0.7 GB when recomputed), scaled by latent area, batch and element size.
+fn memory_estimate(
+    models: &Models,
+    params: usize,
+    state_bytes: u64,
+    ds: &Dataset,
+    o: &TrainOptions,
+) -> f64 {
     let (batch, dt) = (o.batch_size, dtype(o.mixed_precision));
     let w = models.info.unet.block_out_channels.iter().sum::<usize>() as f64 / 2880.0;
     let weights_gb = 4.3 * w * dt.size_in_bytes() as f64 / 4.0;
-    let adapter_gb = params as f64 * 4.0 * 4.0 / 1e9;
+    let adapter_gb = (params as f64 * 8.0 + state_bytes as f64) / 1e9;
     let overhead_gb = 0.9 * w;
     let max_area = ds
         .bucket_counts()
@@ -353,6 +359,15 @@ fn prepare<'a>(o: &'a TrainOptions, attach: Box<Attach<'a>>) -> Result<Ctx<'a>, 
     };
     let epochs = total_steps.div_ceil(steps_per_epoch.max(1));
     let size = method.size();
+    let hyper = Hyper::defaults(o.optimizer)
+        .with_args(&o.optimizer_args)
+        .map_err(input)?;
+    let shapes: Vec<Vec<usize>> = method
+        .groups()
+        .iter()
+        .flat_map(|g| g.vars.iter().map(|v| v.dims().to_vec()))
+        .collect();
+    let state_bytes = hyper.state_bytes(&shapes);
     let plan = Plan {
         model: o.model.clone(),
         arch: models.info.arch.name().into(),
@@ -370,7 +385,7 @@ fn prepare<'a>(o: &'a TrainOptions, attach: Box<Attach<'a>>) -> Result<Ctx<'a>, 
         unet_modules: size.unet_modules,
         text_encoder_modules: size.text_encoder_modules,
         trainable_parameters: size.parameters,
-        memory_estimate_gb: memory_estimate(&models, size.parameters, &ds, o),
+        memory_estimate_gb: memory_estimate(&models, size.parameters, state_bytes, &ds, o),
         seed,
     };
     Ok(Ctx {
@@ -808,6 +823,7 @@ fn train<'a>(
             }
             let lrs: Vec<f64> = base_lrs.iter().map(|&b| schedule.lr(b, pos.step)).collect();
             opt.step(&grads, &lrs).map_err(run_err)?;
+            let lrs = opt.applied_lrs(&lrs);
             pos.step += 1;
             step_times.push(step_start.elapsed().as_secs_f64());
             step_clock = None;
