@@ -335,14 +335,43 @@ fn trains_a_lora_that_learns_and_loads() {
 }
 
 /// Resuming from a mid-run state gives the same final weights as the uninterrupted run
-/// (AdamW; and Prodigy, whose step-size estimate is part of the state).
+/// (AdamW; Prodigy, whose step-size estimate is part of the state; Adafactor with kohya's
+/// usual arguments and in its relative-step mode; AdamW8bit with its 8-bit moments, made
+/// to cover this small model's factors by `min_8bit_size`). The file names the optimizer
+/// as kohya does.
 #[test]
 fn resume_continues_exactly() {
     resume_case(&["--learning-rate", "1e-3"]);
     resume_case(&["--optimizer", "prodigy", "--learning-rate", "1.0"]);
+    let kohya = "scale_parameter=False relative_step=False warmup_init=False";
+    let mut adafactor = vec!["--optimizer", "adafactor", "--learning-rate", "1e-3"];
+    adafactor.extend(["--optimizer-args"]);
+    adafactor.extend(kohya.split(' '));
+    let meta = resume_case(&adafactor);
+    assert_eq!(
+        meta["ss_optimizer"],
+        format!(
+            "transformers.optimization.Adafactor({})",
+            kohya.replace(' ', ",")
+        )
+    );
+    resume_case(&["--optimizer", "adafactor", "--learning-rate", "0"]);
+    let meta = resume_case(&[
+        "--optimizer",
+        "AdamW8bit",
+        "--learning-rate",
+        "1e-3",
+        "--optimizer-args",
+        "min_8bit_size=64",
+    ]);
+    assert_eq!(
+        meta["ss_optimizer"],
+        "bitsandbytes.optim.adamw.AdamW8bit(min_8bit_size=64)"
+    );
 }
 
-fn resume_case(optimizer: &[&str]) {
+/// Runs six steps whole and resumed from step 3; returns the file's metadata.
+fn resume_case(optimizer: &[&str]) -> BTreeMap<String, String> {
     let d = dataset();
     let a = tempfile::tempdir().unwrap();
     let mut common_args = vec![
@@ -389,6 +418,7 @@ fn resume_case(optimizer: &[&str]) {
     let r = train(d.path(), c.path(), &other);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("network"), "{}", r.stderr);
+    ma
 }
 
 /// `--mixed-precision fp16` (frozen weights in f16, adapter in f32, as kohya): the loss

@@ -97,7 +97,8 @@ pub struct TrainOptions {
     pub learning_rate: f64,
     #[arg(long, value_enum, default_value_t = OptimizerKind::AdamW, alias = "optimizer-type")]
     pub optimizer: OptimizerKind,
-    /// `key=value` optimizer arguments: betas=0.9,0.99 weight_decay=0.01 eps=1e-8 momentum=0.9.
+    /// `key=value` optimizer arguments: betas=0.9,0.99 weight_decay=0.01 eps=1e-8 momentum=0.9;
+    /// adafactor: scale_parameter=False relative_step=False warmup_init=False beta1=None.
     #[arg(long, num_args = 1..)]
     #[serde(default)]
     pub optimizer_args: Vec<String>,

@@ -8,7 +8,7 @@ use super::dreambooth::{DreamBoothMethod, Frozen};
 use super::latents::{LatentCache, vae_fingerprint};
 use super::lr::{Schedule, warmup_steps};
 use super::metadata::RunFacts;
-use super::method::{EmbeddingMethod, HypernetworkMethod, LoraMethod, Method, Size};
+use super::method::{EmbeddingMethod, HypernetworkMethod, LoraMethod, Method};
 use super::objective::Objective;
 use super::optim::{Group, Hyper, Optimizer, clip_grad_norm};
 use super::options::{
@@ -181,23 +181,22 @@ pub fn encode_captions(
     Tensor::cat(&parts, 1)
 }
 
-/// Rough peak memory of a step: weights, adapter (weights, gradients, two moments), the
-/// run's own overhead, and activations. Calibrated on the SD1.5 LoRA benchmark
-/// (BENCHMARKS.md, 512 px, batch 1, f32): peak RSS 11.0 GB, 5.96 GB with gradient
-/// checkpointing, i.e. ~5.7 GB of activations per 64x64 latent image (~0.7 GB when
-/// recomputed), scaled by latent area, batch and element size.
-fn memory_estimate(models: &Models, size: &Size, ds: &Dataset, o: &TrainOptions) -> f64 {
+/// Rough peak memory of a step: weights, adapter (f32 weights and gradients, and the
+/// optimizer's `state_bytes`), the run's own overhead, and activations. Calibrated on the
+/// SD1.5 LoRA benchmark (BENCHMARKS.md, 512 px, batch 1, f32, AdamW): peak RSS 11.0 GB,
+/// 5.96 GB with gradient checkpointing, i.e. ~5.7 GB of activations per 64x64 latent image
+/// (~0.7 GB when recomputed), scaled by latent area, batch and element size.
+fn memory_estimate(
+    models: &Models,
+    params: usize,
+    state_bytes: u64,
+    ds: &Dataset,
+    o: &TrainOptions,
+) -> f64 {
     let (batch, dt) = (o.batch_size, dtype(o.mixed_precision));
     let w = models.info.unet.block_out_channels.iter().sum::<usize>() as f64 / 2880.0;
     let weights_gb = 4.3 * w * dt.size_in_bytes() as f64 / 4.0;
-    // Per trained parameter: the optimizer's state, its gradient, and either its f32 copy
-    // (an adapter) or, for a base weight (counted above), the clipped gradient's copy.
-    let state = match o.optimizer {
-        super::optim::OptimizerKind::Sgd | super::optim::OptimizerKind::Lion => 4.0,
-        super::optim::OptimizerKind::Prodigy => 16.0,
-        _ => 8.0,
-    };
-    let adapter_gb = size.parameters as f64 * (8.0 + state) / 1e9;
+    let adapter_gb = (params as f64 * 8.0 + state_bytes as f64) / 1e9;
     let overhead_gb = 0.9 * w;
     let max_area = ds
         .bucket_counts()
@@ -398,6 +397,15 @@ fn prepare<'a>(
     };
     let epochs = total_steps.div_ceil(steps_per_epoch.max(1));
     let size = method.size();
+    let hyper = Hyper::defaults(o.optimizer)
+        .with_args(&o.optimizer_args)
+        .map_err(input)?;
+    let shapes: Vec<Vec<usize>> = method
+        .groups()
+        .iter()
+        .flat_map(|g| g.vars.iter().map(|v| v.dims().to_vec()))
+        .collect();
+    let state_bytes = hyper.state_bytes(&shapes);
     let plan = Plan {
         model: o.model.clone(),
         arch: models.info.arch.name().into(),
@@ -415,7 +423,7 @@ fn prepare<'a>(
         unet_modules: size.unet_modules,
         text_encoder_modules: size.text_encoder_modules,
         trainable_parameters: size.parameters,
-        memory_estimate_gb: memory_estimate(&models, &size, &ds, o),
+        memory_estimate_gb: memory_estimate(&models, size.parameters, state_bytes, &ds, o),
         seed,
         class_images_to_generate: None,
     };
@@ -988,6 +996,7 @@ fn train<'a>(
                 })
                 .collect();
             opt.step(&grads, &lrs).map_err(run_err)?;
+            let lrs = opt.applied_lrs(&lrs);
             pos.step += 1;
             step_times.push(step_start.elapsed().as_secs_f64());
             step_clock = None;

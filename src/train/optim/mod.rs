@@ -1,7 +1,16 @@
 //! Optimizers with state that saves and loads (candle's AdamW keeps its moments private):
-//! AdamW (torch's), Lion (lion-pytorch), SGD (torch's, with momentum); parameter groups with
-//! their own learning rates (kohya's `unet_lr` / `text_encoder_lr`); gradient clipping by
-//! global norm (torch's `clip_grad_norm_`).
+//! AdamW (torch's), Lion (lion-pytorch), SGD (torch's, with momentum), Prodigy
+//! (prodigyopt), Adafactor (transformers', in `adafactor`) and AdamW8bit (bitsandbytes',
+//! in `adamw8bit`); parameter groups with their own learning rates (kohya's `unet_lr` /
+//! `text_encoder_lr`); gradient clipping by global norm (torch's `clip_grad_norm_`).
+
+mod adafactor;
+mod adamw8bit;
+#[cfg(test)]
+mod testdata;
+
+pub use adafactor::AdafactorArgs;
+pub use adamw8bit::dynamic_map;
 
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -20,6 +29,13 @@ pub enum OptimizerKind {
     /// with learning rate 1.0.
     #[value(name = "prodigy", alias = "Prodigy")]
     Prodigy,
+    /// Adafactor (transformers'): factored second moments; by default it sets its own
+    /// step size (relative_step), or takes the learning rate with `relative_step=False`.
+    #[value(name = "adafactor", alias = "Adafactor")]
+    Adafactor,
+    /// AdamW8bit (bitsandbytes'): AdamW with both moments kept in 8 bits per block of 256.
+    #[value(name = "adamw8bit", alias = "AdamW8bit")]
+    AdamW8bit,
 }
 
 impl OptimizerKind {
@@ -30,6 +46,26 @@ impl OptimizerKind {
             OptimizerKind::Lion => "lion_pytorch.lion_pytorch.Lion",
             OptimizerKind::Sgd => "torch.optim.sgd.SGD",
             OptimizerKind::Prodigy => "prodigyopt.prodigy.Prodigy",
+            OptimizerKind::Adafactor => "transformers.optimization.Adafactor",
+            OptimizerKind::AdamW8bit => "bitsandbytes.optim.adamw.AdamW8bit",
+        }
+    }
+
+    /// The `--optimizer-args` keys this optimizer takes.
+    fn arg_keys(self) -> &'static [&'static str] {
+        match self {
+            OptimizerKind::Adafactor => &[
+                "eps",
+                "clip_threshold",
+                "decay_rate",
+                "beta1",
+                "weight_decay",
+                "scale_parameter",
+                "relative_step",
+                "warmup_init",
+            ],
+            OptimizerKind::AdamW8bit => &["betas", "weight_decay", "eps", "min_8bit_size"],
+            _ => &["betas", "weight_decay", "eps", "momentum", "d0", "d_coef"],
         }
     }
 }
@@ -46,6 +82,10 @@ pub struct Hyper {
     /// Prodigy: initial step size estimate and its multiplier.
     pub d0: f64,
     pub d_coef: f64,
+    /// Adafactor's own settings (its `eps` pair lives here too).
+    pub adafactor: AdafactorArgs,
+    /// AdamW8bit: parameters with fewer elements keep 32-bit moments.
+    pub min_8bit_size: usize,
 }
 
 impl Hyper {
@@ -55,6 +95,8 @@ impl Hyper {
             OptimizerKind::Lion => (0.9, 0.99, 0.0),
             OptimizerKind::Sgd => (0.0, 0.0, 0.0),
             OptimizerKind::Prodigy => (0.9, 0.999, 0.0),
+            OptimizerKind::Adafactor => (0.0, 0.0, 0.0),
+            OptimizerKind::AdamW8bit => (0.9, 0.999, 0.01),
         };
         Self {
             kind,
@@ -65,12 +107,18 @@ impl Hyper {
             momentum: 0.0,
             d0: 1e-6,
             d_coef: 1.0,
+            adafactor: AdafactorArgs::default(),
+            min_8bit_size: 4096,
         }
     }
 
     /// kohya's `--optimizer_args`: `betas=0.9,0.99`, `weight_decay=0.1`, `eps=1e-6`,
-    /// `momentum=0.9`. Unknown keys are an error naming the accepted ones.
+    /// `momentum=0.9`; Adafactor's `scale_parameter=False relative_step=False
+    /// warmup_init=False`, `beta1=None`, `eps=(1e-30,1e-3)`, `clip_threshold`, `decay_rate`;
+    /// AdamW8bit's `min_8bit_size`. Keys the optimizer does not take are an error naming
+    /// the accepted ones. As kohya, `warmup_init=True` turns `relative_step` on.
     pub fn with_args(mut self, args: &[String]) -> Result<Self, String> {
+        let kind = self.kind;
         for a in args {
             let (k, v) = a
                 .split_once('=')
@@ -80,29 +128,91 @@ impl Hyper {
                     .parse::<f64>()
                     .map_err(|_| format!("--optimizer-args {a:?}: {s:?} is not a number"))
             };
-            match k.trim() {
-                "betas" => {
-                    let v = v.trim_matches(|c| c == '(' || c == ')' || c == '[' || c == ']');
-                    let parts: Vec<&str> = v.split(',').collect();
-                    if parts.len() != 2 {
-                        return Err(format!("--optimizer-args {a:?}: betas takes two numbers"));
-                    }
-                    self.beta1 = num(parts[0])?;
-                    self.beta2 = num(parts[1])?;
+            let pair = |v: &str| -> Result<(f64, f64), String> {
+                let v = v
+                    .trim()
+                    .trim_matches(|c| c == '(' || c == ')' || c == '[' || c == ']');
+                match v.split(',').collect::<Vec<_>>()[..] {
+                    [x, y] => Ok((num(x)?, num(y)?)),
+                    _ => Err(format!("--optimizer-args {a:?}: takes two numbers")),
                 }
+            };
+            let flag = |v: &str| match v.trim() {
+                "True" | "true" => Ok(true),
+                "False" | "false" => Ok(false),
+                s => Err(format!(
+                    "--optimizer-args {a:?}: {s:?} is not True or False"
+                )),
+            };
+            let key = k.trim();
+            if !kind.arg_keys().contains(&key) {
+                return Err(format!(
+                    "--optimizer-args: unknown key {key:?} for --optimizer {} (accepted: {})",
+                    kind.cli_name(),
+                    kind.arg_keys().join(", ")
+                ));
+            }
+            let af = &mut self.adafactor;
+            match key {
+                "betas" => (self.beta1, self.beta2) = pair(v)?,
                 "weight_decay" => self.weight_decay = num(v)?,
+                "eps" if kind == OptimizerKind::Adafactor => (af.eps1, af.eps2) = pair(v)?,
                 "eps" => self.eps = num(v)?,
                 "momentum" => self.momentum = num(v)?,
                 "d0" => self.d0 = num(v)?,
                 "d_coef" => self.d_coef = num(v)?,
-                other => {
-                    return Err(format!(
-                        "--optimizer-args: unknown key {other:?} (accepted: betas, weight_decay, eps, momentum, d0, d_coef)"
-                    ));
+                "clip_threshold" => af.clip_threshold = num(v)?,
+                "decay_rate" => af.decay_rate = num(v)?,
+                "beta1" => {
+                    af.beta1 = match v.trim() {
+                        "None" | "none" => None,
+                        s => Some(num(s)?),
+                    }
                 }
+                "scale_parameter" => af.scale_parameter = flag(v)?,
+                "relative_step" => af.relative_step = flag(v)?,
+                "warmup_init" => af.warmup_init = flag(v)?,
+                "min_8bit_size" => {
+                    self.min_8bit_size = v.trim().parse().map_err(|_| {
+                        format!("--optimizer-args {a:?}: {v:?} is not a whole number")
+                    })?
+                }
+                _ => unreachable!("every accepted key is handled"),
             }
         }
+        if self.adafactor.warmup_init {
+            self.adafactor.relative_step = true;
+        }
         Ok(self)
+    }
+
+    /// Bytes of optimizer state for parameters of these shapes (f32 moments, or
+    /// AdamW8bit's one byte per moment plus a f32 maximum per block of 256).
+    pub fn state_bytes(&self, shapes: &[Vec<usize>]) -> u64 {
+        shapes
+            .iter()
+            .map(|dims| {
+                let n = dims.iter().product::<usize>() as u64;
+                match self.kind {
+                    OptimizerKind::AdamW => 8 * n,
+                    OptimizerKind::Lion => 4 * n,
+                    OptimizerKind::Sgd => 4 * n * (self.momentum != 0.0) as u64,
+                    OptimizerKind::Prodigy => 16 * n,
+                    OptimizerKind::Adafactor => adafactor::state_bytes(&self.adafactor, dims),
+                    OptimizerKind::AdamW8bit => adamw8bit::state_bytes(self.min_8bit_size, n),
+                }
+            })
+            .sum()
+    }
+}
+
+impl OptimizerKind {
+    /// The `--optimizer` value.
+    pub fn cli_name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -124,6 +234,12 @@ pub struct Optimizer {
     pub d: f64,
     pub d_max: f64,
     pub d_numerator: f64,
+    /// Adafactor's moments, per group, per var.
+    factored: Vec<Vec<adafactor::State>>,
+    /// AdamW8bit's 8-bit moments (kept on the CPU), per group, per var.
+    quantized: Vec<Vec<Option<adamw8bit::Quantized>>>,
+    /// Adafactor: the rate each group's first parameter took at the last step.
+    adafactor_lrs: Vec<f64>,
     /// Updates done so far.
     pub steps: u64,
 }
@@ -135,6 +251,15 @@ impl Optimizer {
             .map(|g| vec![(None, None); g.vars.len()])
             .collect();
         Self {
+            factored: groups
+                .iter()
+                .map(|g| g.vars.iter().map(|_| Default::default()).collect())
+                .collect(),
+            quantized: groups
+                .iter()
+                .map(|g| g.vars.iter().map(|_| None).collect())
+                .collect(),
+            adafactor_lrs: Vec::new(),
             hyper,
             groups,
             prodigy_state: state.clone(),
@@ -148,8 +273,11 @@ impl Optimizer {
 
     /// One update with `grads[g][i]` for `groups[g].vars[i]` and `lrs[g]`.
     pub fn step(&mut self, grads: &[Vec<Tensor>], lrs: &[f64]) -> candle_core::Result<()> {
-        if self.hyper.kind == OptimizerKind::Prodigy {
-            return self.step_prodigy(grads, lrs);
+        match self.hyper.kind {
+            OptimizerKind::Prodigy => return self.step_prodigy(grads, lrs),
+            OptimizerKind::Adafactor => return self.step_adafactor(grads, lrs),
+            OptimizerKind::AdamW8bit => return self.step_adamw8bit(grads, lrs),
+            _ => {}
         }
         self.steps += 1;
         let h = self.hyper;
@@ -192,7 +320,9 @@ impl Optimizer {
                         *m = Some(((m0 * h.beta2)? + (&g * (1.0 - h.beta2))?)?);
                         (p - upd)?
                     }
-                    OptimizerKind::Prodigy => unreachable!("step_prodigy"),
+                    OptimizerKind::Prodigy
+                    | OptimizerKind::Adafactor
+                    | OptimizerKind::AdamW8bit => unreachable!("their own step"),
                     OptimizerKind::Sgd => {
                         let g = if h.weight_decay != 0.0 {
                             (&g + (&p * h.weight_decay)?)?
@@ -216,6 +346,17 @@ impl Optimizer {
             }
         }
         Ok(())
+    }
+
+    /// The rate per group the last step applied, for the logs: `lrs` (the schedule's),
+    /// except Adafactor's, which reports what `AdafactorSchedule` does: its own rate for
+    /// each group's first parameter.
+    pub fn applied_lrs(&self, lrs: &[f64]) -> Vec<f64> {
+        if self.hyper.kind == OptimizerKind::Adafactor && self.adafactor_lrs.len() == lrs.len() {
+            self.adafactor_lrs.clone()
+        } else {
+            lrs.to_vec()
+        }
     }
 
     /// Prodigy's update (prodigyopt 1.1): the numerator and denominator of the step size
@@ -317,6 +458,8 @@ impl Optimizer {
                 }
             }
         }
+        adafactor::save(self, &mut out)?;
+        adamw8bit::save(self, &mut out)?;
         if self.hyper.kind == OptimizerKind::Prodigy {
             let dev = candle_core::Device::Cpu;
             for (k, x) in [
@@ -359,6 +502,8 @@ impl Optimizer {
                 self.prodigy_state[gi][vi] = (get("s")?, get("p0")?);
             }
         }
+        adafactor::load(self, tensors)?;
+        adamw8bit::load(self, tensors)?;
         let f = |k: &str| -> Result<Option<f64>, String> {
             tensors
                 .get(k)
@@ -407,6 +552,17 @@ pub fn clip_grad_norm(grads: &mut [Vec<Tensor>], max_norm: f64) -> candle_core::
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Saved state written to a safetensors file and read back, as --resume does.
+    pub(super) fn through_file(state: Vec<(String, Tensor)>) -> BTreeMap<String, Tensor> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("optimizer.safetensors");
+        let bytes = crate::formats::safetensors::serialize(&state, &BTreeMap::new()).unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        crate::formats::safetensors::read_with_metadata(&p)
+            .unwrap()
+            .0
+    }
 
     fn run(kind: OptimizerKind, steps: usize) -> Vec<f32> {
         let var = Var::from_vec(vec![1.0f32, -2.0, 0.5], 3, &Device::Cpu).unwrap();
@@ -485,7 +641,12 @@ mod tests {
         let var = Var::from_vec(vec![1.0f32, 2.0], 2, &Device::Cpu).unwrap();
         let tracked_grad = (var.as_tensor() * 3.0).unwrap();
         assert!(tracked_grad.track_op());
-        for kind in [OptimizerKind::AdamW, OptimizerKind::Lion] {
+        for kind in [
+            OptimizerKind::AdamW,
+            OptimizerKind::Lion,
+            OptimizerKind::Adafactor,
+            OptimizerKind::AdamW8bit,
+        ] {
             let mut o = Optimizer::new(
                 Hyper::defaults(kind),
                 vec![Group {
@@ -505,7 +666,8 @@ mod tests {
     #[test]
     fn prodigy_matches_prodigyopt() {
         let fx: serde_json::Value =
-            serde_json::from_str(include_str!("../../tests/fixtures/optim/prodigy.json")).unwrap();
+            serde_json::from_str(include_str!("../../../tests/fixtures/optim/prodigy.json"))
+                .unwrap();
         let v = |x: &serde_json::Value| -> Vec<f32> {
             x.as_array()
                 .unwrap()
