@@ -87,6 +87,17 @@ fn print_plan(p: &Plan) {
         "batches per epoch {}, steps per epoch {}, epochs {}, total steps {} (warmup {})",
         p.batches_per_epoch, p.steps_per_epoch, p.epochs, p.total_steps, p.warmup_steps
     );
+    if let Some(spans) = &p.learning_rate_steps {
+        let parts: Vec<String> = spans
+            .iter()
+            .map(|(r, a, b)| format!("{r} for steps {a}-{b}"))
+            .collect();
+        println!(
+            "learning rate {:?} (webui schedule): {}",
+            p.learning_rate,
+            parts.join(", ")
+        );
+    }
     println!(
         "trained modules: {} UNet + {} text encoder, {} trainable parameters",
         p.unet_modules, p.text_encoder_modules, p.trainable_parameters
