@@ -281,7 +281,9 @@ fn written_pt_is_webuis_file() {
     assert_eq!(common::rel_err(&back.vectors, &e.vectors, 1e-12), 0.0);
 
     let Some(py) = common::python_with_torch() else {
-        eprintln!("skipped the torch.load / webui loader check: no Python with torch ($REFPY or python3)");
+        eprintln!(
+            "skipped the torch.load / webui loader check: no Python with torch ($REFPY or python3)"
+        );
         return;
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_embedding.py");
@@ -303,12 +305,18 @@ fn written_pt_is_webuis_file() {
         .iter()
         .map(|k| (k[0].as_str().unwrap().into(), k[1].as_str().unwrap().into()))
         .collect();
-    let want: Vec<(String, String)> = want.iter().map(|(k, t)| (k.clone(), t.to_string())).collect();
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_string()))
+        .collect();
     assert_eq!(keys, want);
     assert_eq!(r["param"]["type"], "Tensor");
     assert_eq!(r["param"]["dtype"], "torch.float32");
     assert_eq!(r["string_to_token"][1], serde_json::json!(["*", 265]));
-    assert_eq!((r["vectors"].as_u64(), r["shape"].as_u64()), (Some(3), Some(32)));
+    assert_eq!(
+        (r["vectors"].as_u64(), r["shape"].as_u64()),
+        (Some(3), Some(32))
+    );
     assert_eq!(r["step"], 1500);
     assert_eq!(r["sd_checkpoint"], "e1441589a6");
     assert_eq!(r["sd_checkpoint_name"], "v1-5-pruned-emaonly");
@@ -317,7 +325,12 @@ fn written_pt_is_webuis_file() {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
         .collect();
     let theirs = Tensor::from_vec(vec, (3, 32), &Device::Cpu).unwrap();
     assert_eq!(common::rel_err(&theirs, &e.vectors, 1e-12), 0.0);

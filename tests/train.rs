@@ -607,7 +607,12 @@ fn textual_inversion_step_rates_and_save_formats() {
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     let step_file = |s: u64| out.path().join(format!("ohwx-step{s:08}.pt"));
-    let files = [step_file(1), step_file(2), step_file(3), out.path().join("ohwx.pt")];
+    let files = [
+        step_file(1),
+        step_file(2),
+        step_file(3),
+        out.path().join("ohwx.pt"),
+    ];
     let mut vectors = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let v = sdkit::formats::torch_pt::load(f).unwrap();
@@ -625,7 +630,11 @@ fn textual_inversion_step_rates_and_save_formats() {
             v.get_str("sd_checkpoint_name").unwrap().as_str(),
             Some("sd1_diffusers")
         );
-        vectors.push(sdkit::adapters::embedding::Embedding::load(f).unwrap().vectors);
+        vectors.push(
+            sdkit::adapters::embedding::Embedding::load(f)
+                .unwrap()
+                .vectors,
+        );
     }
     let init = {
         let opts = LoadOptions {
@@ -650,9 +659,20 @@ fn textual_inversion_step_rates_and_save_formats() {
     };
     // Adam moves each element by about the rate in its first steps.
     assert!(moved(&init, &vectors[0]) > 0.01, "step 1 did not train");
-    assert!(moved(&vectors[0], &vectors[1]) > 0.01, "step 2 did not train");
-    assert_eq!(moved(&vectors[1], &vectors[2]), 0.0, "step 3 trained at rate 0");
-    assert_eq!(moved(&vectors[2], &vectors[3]), 0.0, "step 4 trained at rate 0");
+    assert!(
+        moved(&vectors[0], &vectors[1]) > 0.01,
+        "step 2 did not train"
+    );
+    assert_eq!(
+        moved(&vectors[1], &vectors[2]),
+        0.0,
+        "step 3 trained at rate 0"
+    );
+    assert_eq!(
+        moved(&vectors[2], &vectors[3]),
+        0.0,
+        "step 4 trained at rate 0"
+    );
 
     // A schedule with an end: the run stops there (the final file says step 3), and
     // rates beyond --max-train-steps are never reached.
@@ -675,7 +695,10 @@ fn textual_inversion_step_rates_and_save_formats() {
     let (t, meta) = read_lora(&out2.path().join("ohwx.safetensors"));
     assert_eq!(t.keys().collect::<Vec<_>>(), ["ohwx"]);
     assert_eq!(t["ohwx"].dims(), &[2, 32]);
-    assert!(meta.is_empty(), "diffusers' file carries no metadata: {meta:?}");
+    assert!(
+        meta.is_empty(),
+        "diffusers' file carries no metadata: {meta:?}"
+    );
     let plan = |method: &str, extra: &[&str]| {
         let mut args = vec!["--dry-run", "--json"];
         args.extend_from_slice(extra);
@@ -685,7 +708,12 @@ fn textual_inversion_step_rates_and_save_formats() {
     };
     let p = plan(
         "textual-inversion",
-        &["--learning-rate", "0.05:2, 0.01:30", "--max-train-steps", "5"],
+        &[
+            "--learning-rate",
+            "0.05:2, 0.01:30",
+            "--max-train-steps",
+            "5",
+        ],
     );
     assert_eq!(p["total_steps"], 5);
     assert_eq!(
@@ -694,7 +722,11 @@ fn textual_inversion_step_rates_and_save_formats() {
     );
     // The same schedule from a recipe, for a hypernetwork.
     let recipe = out2.path().join("hn.yaml");
-    std::fs::write(&recipe, "learning-rate: \"1e-5:5, 1e-6:7\"\nmax-train-steps: 100\n").unwrap();
+    std::fs::write(
+        &recipe,
+        "learning-rate: \"1e-5:5, 1e-6:7\"\nmax-train-steps: 100\n",
+    )
+    .unwrap();
     let p = plan("hypernetwork", &["--config", recipe.to_str().unwrap()]);
     assert_eq!(p["total_steps"], 7);
     assert_eq!(p["learning_rate"], "1e-5:5, 1e-6:7");
@@ -895,11 +927,21 @@ fn bad_input_is_a_one_line_error_before_any_work() {
     }
     // A value clap's parser refuses (clap's error, naming the option).
     let r = sdkit(&[
-        "train", "lora", "--model", m, "--data", dd, "--out", o, "--learning-rate", "fast",
+        "train",
+        "lora",
+        "--model",
+        m,
+        "--data",
+        dd,
+        "--out",
+        o,
+        "--learning-rate",
+        "fast",
     ]);
     assert_eq!(r.code, 2);
     assert!(
-        r.stderr.contains("--learning-rate") && r.stderr.contains("\"fast\" is not a learning rate"),
+        r.stderr.contains("--learning-rate")
+            && r.stderr.contains("\"fast\" is not a learning rate"),
         "{}",
         r.stderr
     );

@@ -223,7 +223,10 @@ impl Embedding {
             (Value::str("name"), Value::str(meta.name.clone())),
             (Value::str("step"), Value::Int(meta.step)),
             (Value::str("sd_checkpoint"), opt(&meta.sd_checkpoint)),
-            (Value::str("sd_checkpoint_name"), opt(&meta.sd_checkpoint_name)),
+            (
+                Value::str("sd_checkpoint_name"),
+                opt(&meta.sd_checkpoint_name),
+            ),
         ]);
         torch_pt::save(path, &v).map_err(|e| {
             err(

@@ -19,7 +19,7 @@ pub enum Method {
     /// as webui's .pt.
     Hypernetwork(HypernetworkOptions),
     /// Textual inversion: new token vectors called by a word, saved as kohya's emb_params
-    /// file (webui, ComfyUI and diffusers read it).
+    /// file, webui's .pt or diffusers' file (webui, ComfyUI and diffusers read them).
     TextualInversion(TextualInversionOptions),
 }
 
@@ -90,7 +90,10 @@ fn print_plan(p: &Plan) {
     if let Some(spans) = &p.learning_rate_steps {
         let parts: Vec<String> = spans
             .iter()
-            .map(|(r, a, b)| format!("{r} for steps {a}-{b}"))
+            .map(|(r, a, b)| {
+                let r = crate::train::metadata::py_float(*r);
+                format!("{r} for steps {a}-{b}")
+            })
             .collect();
         println!(
             "learning rate {:?} (webui schedule): {}",

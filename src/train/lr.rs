@@ -131,12 +131,9 @@ impl StepRates {
                 .ok_or_else(|| bad(format!("{rate:?} is not a learning rate")))?;
             let end = match step {
                 None | Some("-1") => None,
-                Some(s) => Some(
-                    s.parse::<u64>()
-                        .ok()
-                        .filter(|&e| e > 0)
-                        .ok_or_else(|| bad(format!("{s:?} is not a step number (1 or more, or -1)")))?,
-                ),
+                Some(s) => Some(s.parse::<u64>().ok().filter(|&e| e > 0).ok_or_else(|| {
+                    bad(format!("{s:?} is not a step number (1 or more, or -1)"))
+                })?),
             };
             if let (Some(e), Some((_, Some(prev)))) = (end, rates.last())
                 && e <= *prev
@@ -348,7 +345,11 @@ mod tests {
         assert_eq!(s.to_string(), "0.005:100, 1e-5");
         assert!(LearningRate::parse("-1").unwrap_err().contains("0 or more"));
         assert!(LearningRate::parse("inf").is_err());
-        assert!(LearningRate::parse("fast").unwrap_err().contains("learning rate"));
+        assert!(
+            LearningRate::parse("fast")
+                .unwrap_err()
+                .contains("learning rate")
+        );
         // YAML numbers and strings deserialize alike; numbers serialize as numbers.
         let y: LearningRate = serde_yaml::from_str("0.0001").unwrap();
         assert_eq!(y.base(), 1e-4);

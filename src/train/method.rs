@@ -6,7 +6,9 @@
 use super::metadata::{RunFacts, lora_metadata};
 use super::options::{EmbeddingFormat, HypernetworkOptions, LoraOptions, TextualInversionOptions};
 use super::rng::Rng;
-use crate::adapters::embedding::{FileFormat, PtMeta as EmbeddingPtMeta, TrainableEmbedding, kohya_metadata};
+use crate::adapters::embedding::{
+    FileFormat, PtMeta as EmbeddingPtMeta, TrainableEmbedding, kohya_metadata,
+};
 use crate::adapters::hypernetwork::{Hypernetwork, file::PtMeta};
 use crate::adapters::lora::{LoraNetwork, Part};
 use candle_core::{DType, Tensor, Var};

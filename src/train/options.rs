@@ -437,9 +437,7 @@ pub struct TextualInversionOptions {
 }
 
 /// `--save-format` of textual inversion.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum EmbeddingFormat {
     /// kohya's `{"emb_params": [n, w]}` with the SAI model spec.

@@ -11,8 +11,8 @@ use super::method::{EmbeddingMethod, HypernetworkMethod, LoraMethod, Method};
 use super::objective::Objective;
 use super::optim::{Group, Hyper, Optimizer, clip_grad_norm};
 use super::options::{
-    DeviceArg, EmbeddingFormat, HypernetworkOptions, LoraOptions, MixedPrecision, SampleSampler, SavePrecision,
-    TextualInversionOptions, TrainOptions,
+    DeviceArg, EmbeddingFormat, HypernetworkOptions, LoraOptions, MixedPrecision, SampleSampler,
+    SavePrecision, TextualInversionOptions, TrainOptions,
 };
 use super::rng::{Purpose, Rng};
 use super::samples::{self, SamplePrompt};
