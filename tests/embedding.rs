@@ -8,6 +8,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use sdkit::adapters::embedding::{self, Embedding, FileFormat, TrainableEmbedding};
+use sdkit::formats::torch_pt;
 use sdkit::model::arch::Arch;
 use sdkit::model::loader::{self, LoadOptions};
 use sdkit::model::pipeline::{Models, encode_prompt};
@@ -161,11 +162,178 @@ fn written_files_match_other_tools_files() {
         let back = Embedding::load(ours).unwrap();
         assert_eq!(common::rel_err(&back.vectors, &exp["vectors"], 1e-6), 0.0);
     }
+    // webui's .pt beside them (scripts/check_embedding.py checks the folder).
+    let w = dir.join("webui/myemb.pt");
+    std::fs::create_dir_all(w.parent().unwrap()).unwrap();
+    e.save_pt(&w, &pt_meta()).unwrap();
     // f16 as --save-precision fp16 writes it.
     let h = dir.join("half.safetensors");
     e.save(&h, FileFormat::Kohya, DType::F16, &meta).unwrap();
     let (a, _) = sdkit::formats::safetensors::read_with_metadata(&h).unwrap();
     assert_eq!(a["emb_params"].dtype(), DType::F16);
+}
+
+fn pt_meta() -> embedding::PtMeta {
+    embedding::PtMeta {
+        name: "myemb".into(),
+        step: 1500,
+        sd_checkpoint: Some("e1441589a6".into()),
+        sd_checkpoint_name: Some("v1-5-pruned-emaonly".into()),
+    }
+}
+
+/// The kind of a `.pt` value, as Python's `type(v).__name__` names it.
+fn kind(v: &torch_pt::Value) -> &'static str {
+    use torch_pt::Value as V;
+    match v {
+        V::None => "NoneType",
+        V::Bool(_) => "bool",
+        V::Int(_) => "int",
+        V::Float(_) => "float",
+        V::Str(_) => "str",
+        V::List(_) => "list",
+        V::Tuple(_) => "tuple",
+        V::Dict(_) => "dict",
+        V::OrderedDict(_) => "OrderedDict",
+        V::Tensor(_) => "Tensor",
+    }
+}
+
+fn keys_and_kinds(v: &torch_pt::Value) -> Vec<(String, &'static str)> {
+    v.entries()
+        .iter()
+        .map(|(k, x)| (k.as_str().unwrap().to_string(), kind(x)))
+        .collect()
+}
+
+/// webui's `.pt` as its `Embedding.save` writes it: read back with sdkit's unpickler it
+/// has the keys, order and value types of the file torch wrote for webui's dict
+/// (tests/fixtures/embedding/webui), the vectors as an f32 tensor; sdkit's reader loads
+/// it; and where a Python with torch exists, `torch.load(weights_only=True)` and webui's
+/// loader (restated in scripts/check_embedding.py) take it and give the same vectors.
+#[test]
+fn written_pt_is_webuis_file() {
+    let e = Embedding::load(&files()[0]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("myemb.pt");
+    e.save_pt(&path, &pt_meta()).unwrap();
+
+    let ours = torch_pt::load(&path).unwrap();
+    let theirs = torch_pt::load(&files()[2]).unwrap();
+    let want = [
+        ("string_to_token", "dict"),
+        ("string_to_param", "dict"),
+        ("name", "str"),
+        ("step", "int"),
+        ("sd_checkpoint", "str"),
+        ("sd_checkpoint_name", "str"),
+    ];
+    let want: Vec<(String, &str)> = want.iter().map(|(k, t)| (k.to_string(), *t)).collect();
+    assert_eq!(keys_and_kinds(&ours), want);
+    // The fixture (torch.save of webui's dict for a new embedding) has the same keys in
+    // the same order; its checkpoint fields are None.
+    let fixture_keys: Vec<String> = keys_and_kinds(&theirs).into_iter().map(|k| k.0).collect();
+    let our_keys: Vec<String> = want.iter().map(|k| k.0.clone()).collect();
+    assert_eq!(fixture_keys, our_keys);
+    for key in ["string_to_token", "string_to_param"] {
+        assert_eq!(
+            keys_and_kinds(ours.get_str(key).unwrap()),
+            keys_and_kinds(theirs.get_str(key).unwrap()),
+            "{key}"
+        );
+    }
+    let star = |v: &torch_pt::Value, k: &str| v.get_str(k).unwrap().get_str("*").cloned();
+    assert_eq!(star(&ours, "string_to_token").unwrap().as_int(), Some(265));
+    assert_eq!(
+        star(&theirs, "string_to_token").unwrap().as_int(),
+        Some(embedding::WEBUI_STAR_TOKEN)
+    );
+    let torch_pt::Value::Tensor(t) = star(&ours, "string_to_param").unwrap() else {
+        panic!("string_to_param['*'] is not a tensor")
+    };
+    assert_eq!((t.dtype(), t.dims()), (DType::F32, &[3usize, 32][..]));
+    assert_eq!(common::rel_err(&t, &e.vectors, 1e-12), 0.0);
+    assert_eq!(ours.get_str("name").unwrap().as_str(), Some("myemb"));
+    assert_eq!(ours.get_str("step").unwrap().as_int(), Some(1500));
+    assert_eq!(
+        ours.get_str("sd_checkpoint").unwrap().as_str(),
+        Some("e1441589a6")
+    );
+    assert_eq!(
+        ours.get_str("sd_checkpoint_name").unwrap().as_str(),
+        Some("v1-5-pruned-emaonly")
+    );
+    // Unknown checkpoint fields are None, as in a new webui embedding.
+    let none = dir.path().join("none.pt");
+    let meta = embedding::PtMeta {
+        sd_checkpoint: None,
+        sd_checkpoint_name: None,
+        ..pt_meta()
+    };
+    e.save_pt(&none, &meta).unwrap();
+    let v = torch_pt::load(&none).unwrap();
+    assert_eq!(keys_and_kinds(&v)[4], ("sd_checkpoint".into(), "NoneType"));
+    assert_eq!(keys_and_kinds(&v), keys_and_kinds(&theirs));
+
+    // sdkit's own reader (candle's pickle reader, as for webui's files).
+    let back = Embedding::load(&path).unwrap();
+    assert_eq!(back.name, "myemb");
+    assert_eq!(common::rel_err(&back.vectors, &e.vectors, 1e-12), 0.0);
+
+    let Some(py) = common::python_with_torch() else {
+        eprintln!(
+            "skipped the torch.load / webui loader check: no Python with torch ($REFPY or python3)"
+        );
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_embedding.py");
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .arg("--webui-pt")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "torch.load(weights_only=True) / webui's loader rejected the file:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys: Vec<(String, String)> = r["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k[0].as_str().unwrap().into(), k[1].as_str().unwrap().into()))
+        .collect();
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_string()))
+        .collect();
+    assert_eq!(keys, want);
+    assert_eq!(r["param"]["type"], "Tensor");
+    assert_eq!(r["param"]["dtype"], "torch.float32");
+    assert_eq!(r["string_to_token"][1], serde_json::json!(["*", 265]));
+    assert_eq!(
+        (r["vectors"].as_u64(), r["shape"].as_u64()),
+        (Some(3), Some(32))
+    );
+    assert_eq!(r["step"], 1500);
+    assert_eq!(r["sd_checkpoint"], "e1441589a6");
+    assert_eq!(r["sd_checkpoint_name"], "v1-5-pruned-emaonly");
+    assert_eq!(r["name"], "myemb");
+    let vec: Vec<f32> = r["vec"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect();
+    let theirs = Tensor::from_vec(vec, (3, 32), &Device::Cpu).unwrap();
+    assert_eq!(common::rel_err(&theirs, &e.vectors, 1e-12), 0.0);
 }
 
 /// webui's init rule: `vec[i] = emb[i * len / n]` over the init text's tokens; zeros for

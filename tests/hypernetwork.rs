@@ -329,19 +329,6 @@ fn state_tensors_round_trip_and_reject_other_shapes() {
     assert!(e.contains("shape") || e.contains("does not have"), "{e}");
 }
 
-/// A Python with torch: $REFPY (../shared/scripts/refenv.sh), else python3 if it has torch.
-fn python_with_torch() -> Option<String> {
-    let candidates = std::env::var("REFPY")
-        .into_iter()
-        .chain(["python3".to_string()]);
-    candidates.into_iter().find(|p| {
-        std::process::Command::new(p)
-            .args(["-c", "import torch"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
 const WEBUI_KEYS: [&str; 13] = [
     "step",
     "name",
@@ -408,7 +395,7 @@ fn written_pt_loads_in_torch_and_webuis_module() {
         assert_eq!(common::rel_err(a, &b, 1e-12), 0.0, "{n}");
     }
 
-    let Some(py) = python_with_torch() else {
+    let Some(py) = common::python_with_torch() else {
         eprintln!("skipped the torch.load check: no Python with torch ($REFPY or python3)");
         return;
     };

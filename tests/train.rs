@@ -808,6 +808,176 @@ fn dreambooth_generates_class_images_once() {
     );
 }
 
+/// webui's step-rate syntax: `0.05:2, 0.0:-1` trains at 0.05 for steps 1-2 and at 0
+/// after (the vectors change in steps 1 and 2, then stay); `--save-format pt` writes
+/// webui's `.pt` for the step saves and the final file, each with its `step`. A schedule
+/// that ends stops the run there (webui), dry runs show it, and it comes from recipes
+/// too; `--save-format diffusers` writes `{name: vectors}`.
+#[test]
+fn textual_inversion_step_rates_and_save_formats() {
+    let d = one_image_set();
+    let out = tempfile::tempdir().unwrap();
+    let ti = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--output-name",
+            "ohwx",
+            "--init-word",
+            "red",
+            "--num-vectors-per-token",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        train_method("textual-inversion", d.path(), out, &args)
+    };
+    let r = ti(
+        out.path(),
+        &[
+            "--learning-rate",
+            "0.05:2, 0.0:-1",
+            "--max-train-steps",
+            "4",
+            "--save-every-n-steps",
+            "1",
+            "--save-format",
+            "pt",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let step_file = |s: u64| out.path().join(format!("ohwx-step{s:08}.pt"));
+    let files = [
+        step_file(1),
+        step_file(2),
+        step_file(3),
+        out.path().join("ohwx.pt"),
+    ];
+    let mut vectors = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let v = sdkit::formats::torch_pt::load(f).unwrap();
+        assert_eq!(v.get_str("step").unwrap().as_int(), Some(i as i64 + 1));
+        assert_eq!(
+            v.get_str("name").unwrap().as_str(),
+            f.file_stem().unwrap().to_str()
+        );
+        // The model is a diffusers folder: no file to hash, its name.
+        assert!(matches!(
+            v.get_str("sd_checkpoint"),
+            Some(sdkit::formats::torch_pt::Value::None)
+        ));
+        assert_eq!(
+            v.get_str("sd_checkpoint_name").unwrap().as_str(),
+            Some("sd1_diffusers")
+        );
+        vectors.push(
+            sdkit::adapters::embedding::Embedding::load(f)
+                .unwrap()
+                .vectors,
+        );
+    }
+    let init = {
+        let opts = LoadOptions {
+            device: Device::Cpu,
+            ..LoadOptions::default()
+        };
+        let m = Models::new(loader::open(&model(), &opts).unwrap()).unwrap();
+        let tok = sdkit::model::tokenizer::ClipTokenizer::shared();
+        sdkit::adapters::embedding::Embedding::init(&m.clip, tok, "red", 2, "ohwx")
+            .unwrap()
+            .vectors
+    };
+    let moved = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    // Adam moves each element by about the rate in its first steps.
+    assert!(moved(&init, &vectors[0]) > 0.01, "step 1 did not train");
+    assert!(
+        moved(&vectors[0], &vectors[1]) > 0.01,
+        "step 2 did not train"
+    );
+    assert_eq!(
+        moved(&vectors[1], &vectors[2]),
+        0.0,
+        "step 3 trained at rate 0"
+    );
+    assert_eq!(
+        moved(&vectors[2], &vectors[3]),
+        0.0,
+        "step 4 trained at rate 0"
+    );
+
+    // A schedule with an end: the run stops there (the final file says step 3), and
+    // rates beyond --max-train-steps are never reached.
+    let out2 = tempfile::tempdir().unwrap();
+    let r = ti(
+        out2.path(),
+        &[
+            "--learning-rate",
+            "0.05:3",
+            "--max-train-steps",
+            "10",
+            "--save-format",
+            "diffusers",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rep: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rep["steps"], 3);
+    let (t, meta) = read_lora(&out2.path().join("ohwx.safetensors"));
+    assert_eq!(t.keys().collect::<Vec<_>>(), ["ohwx"]);
+    assert_eq!(t["ohwx"].dims(), &[2, 32]);
+    assert!(
+        meta.is_empty(),
+        "diffusers' file carries no metadata: {meta:?}"
+    );
+    let plan = |method: &str, extra: &[&str]| {
+        let mut args = vec!["--dry-run", "--json"];
+        args.extend_from_slice(extra);
+        let r = train_method(method, d.path(), out2.path(), &args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        serde_json::from_str::<Value>(&r.stdout).unwrap()
+    };
+    let p = plan(
+        "textual-inversion",
+        &[
+            "--learning-rate",
+            "0.05:2, 0.01:30",
+            "--max-train-steps",
+            "5",
+        ],
+    );
+    assert_eq!(p["total_steps"], 5);
+    assert_eq!(
+        p["learning_rate_steps"],
+        serde_json::json!([[0.05, 1, 2], [0.01, 3, 5]])
+    );
+    // The same schedule from a recipe, for a hypernetwork.
+    let recipe = out2.path().join("hn.yaml");
+    std::fs::write(
+        &recipe,
+        "learning-rate: \"1e-5:5, 1e-6:7\"\nmax-train-steps: 100\n",
+    )
+    .unwrap();
+    let p = plan("hypernetwork", &["--config", recipe.to_str().unwrap()]);
+    assert_eq!(p["total_steps"], 7);
+    assert_eq!(p["learning_rate"], "1e-5:5, 1e-6:7");
+    let r = train_method(
+        "textual-inversion",
+        d.path(),
+        out2.path(),
+        &["--learning-rate", "0.05:2", "--lr-scheduler", "cosine"],
+    );
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("replaces --lr-scheduler"), "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+}
+
 /// `--gradient-checkpointing` trains the same weights (recomputed blocks give the same
 /// gradients up to float summation order) and says so in the metadata. SGD, because
 /// Adam's first steps move every element by about the learning rate whatever the size of
@@ -970,6 +1140,19 @@ fn bad_input_is_a_one_line_error_before_any_work() {
             ],
             "needs --device cuda",
         ),
+        (
+            vec![
+                "--model",
+                m,
+                "--data",
+                dd,
+                "--out",
+                o,
+                "--learning-rate",
+                "1e-4:100, 1e-5",
+            ],
+            "is for textual-inversion and hypernetwork",
+        ),
     ];
     for (args, want) in cases {
         let mut a = vec!["train", "lora"];
@@ -993,6 +1176,27 @@ fn bad_input_is_a_one_line_error_before_any_work() {
     ]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("kept in f32"), "{}", r.stderr);
+
+    // A value clap's parser refuses (clap's error, naming the option).
+    let r = sdkit(&[
+        "train",
+        "lora",
+        "--model",
+        m,
+        "--data",
+        dd,
+        "--out",
+        o,
+        "--learning-rate",
+        "fast",
+    ]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("--learning-rate")
+            && r.stderr.contains("\"fast\" is not a learning rate"),
+        "{}",
+        r.stderr
+    );
     // An empty data folder.
     let empty = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(empty.path().join("10_x")).unwrap();

@@ -5,8 +5,8 @@
 //! `{"emb_params": [n, w]}`, diffusers' `{token: [n, w]}` or `{token: [w]}`), webui's
 //! `.pt` (`string_to_param` with one entry) and diffusers' `learned_embeds.bin`
 //! (`{token: tensor}`) through candle's pickle reader. SDXL files (`clip_l` + `clip_g`)
-//! are refused. Written: kohya's `emb_params` with SAI modelspec metadata, and diffusers'
-//! `learned_embeds.safetensors`.
+//! are refused. Written: kohya's `emb_params` with SAI modelspec metadata, diffusers'
+//! `learned_embeds.safetensors` and webui's `.pt` ([`Embedding::save_pt`]).
 //!
 //! Use: [`attach`] gives the text encoder the vectors and the names (inference);
 //! [`TrainableEmbedding::attach`] makes one embedding's vectors the only trainable
@@ -180,6 +180,65 @@ impl Embedding {
     }
 }
 
+/// What webui's `.pt` holds besides the vectors.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PtMeta {
+    /// webui writes the name the file was saved under (`NAME`, or `NAME-500` for the
+    /// saves during training); its loader names an embedding by the file stem.
+    pub name: String,
+    /// Optimizer steps trained.
+    pub step: i64,
+    /// Short hash of the base model (first 10 hex of its sha256), None when unknown.
+    pub sd_checkpoint: Option<String>,
+    /// The base model's name (file name without extension).
+    pub sd_checkpoint_name: Option<String>,
+}
+
+/// The token webui's files record for `*` (CLIP's id of `*`), in `string_to_token`.
+pub const WEBUI_STAR_TOKEN: i64 = 265;
+
+impl Embedding {
+    /// webui's `.pt` as its `Embedding.save` writes it: `{"string_to_token": {"*": 265},
+    /// "string_to_param": {"*": f32 [n, w]}, "name", "step", "sd_checkpoint",
+    /// "sd_checkpoint_name"}` (atomically). The vectors are a plain f32 tensor, which
+    /// webui's loader and `torch.load(weights_only=True)` take.
+    pub fn save_pt(&self, path: &Path, meta: &PtMeta) -> Result<(), EmbeddingError> {
+        use crate::formats::torch_pt::{self, Value};
+        let t = self
+            .vectors
+            .to_dtype(DType::F32)
+            .and_then(|t| t.to_device(&Device::Cpu))
+            .and_then(|t| t.contiguous())
+            .map_err(|e| err(path, e.to_string()))?;
+        let opt = |s: &Option<String>| s.clone().map_or(Value::None, Value::Str);
+        let v = Value::Dict(vec![
+            (
+                Value::str("string_to_token"),
+                Value::Dict(vec![(Value::str("*"), Value::Int(WEBUI_STAR_TOKEN))]),
+            ),
+            (
+                Value::str("string_to_param"),
+                Value::Dict(vec![(Value::str("*"), Value::Tensor(t))]),
+            ),
+            (Value::str("name"), Value::str(meta.name.clone())),
+            (Value::str("step"), Value::Int(meta.step)),
+            (Value::str("sd_checkpoint"), opt(&meta.sd_checkpoint)),
+            (
+                Value::str("sd_checkpoint_name"),
+                opt(&meta.sd_checkpoint_name),
+            ),
+        ]);
+        torch_pt::save(path, &v).map_err(|e| {
+            err(
+                path,
+                e.to_string()
+                    .trim_start_matches(&format!("{}: ", path.display()))
+                    .to_string(),
+            )
+        })
+    }
+}
+
 /// The tensors of a torch pickle embedding: `string_to_param` (webui) or the top-level
 /// dict (diffusers' `learned_embeds.bin`).
 fn read_pickle(path: &Path) -> Result<Vec<(String, Tensor)>, EmbeddingError> {
@@ -348,6 +407,13 @@ impl TrainableEmbedding {
             KOHYA_KEY,
             "another --num-vectors-per-token?",
         )
+    }
+
+    /// Writes the current vectors as webui's `.pt` (see [`Embedding::save_pt`]).
+    pub fn save_pt(&self, path: &Path, meta: &PtMeta) -> Result<(), EmbeddingError> {
+        self.embedding()
+            .map_err(|e| err(path, e.to_string()))?
+            .save_pt(path, meta)
     }
 
     /// Writes the current vectors (see [`Embedding::save`]).

@@ -21,7 +21,7 @@ pub enum Method {
     /// as webui's .pt.
     Hypernetwork(HypernetworkOptions),
     /// Textual inversion: new token vectors called by a word, saved as kohya's emb_params
-    /// file (webui, ComfyUI and diffusers read it).
+    /// file, webui's .pt or diffusers' file (webui, ComfyUI and diffusers read them).
     TextualInversion(TextualInversionOptions),
     /// DreamBooth: fine-tune the model itself (UNet, optionally the text encoder) with
     /// prior preservation; saves a single-file checkpoint webui loads.
@@ -92,6 +92,20 @@ fn print_plan(p: &Plan) {
         "batches per epoch {}, steps per epoch {}, epochs {}, total steps {} (warmup {})",
         p.batches_per_epoch, p.steps_per_epoch, p.epochs, p.total_steps, p.warmup_steps
     );
+    if let Some(spans) = &p.learning_rate_steps {
+        let parts: Vec<String> = spans
+            .iter()
+            .map(|(r, a, b)| {
+                let r = crate::train::metadata::py_float(*r);
+                format!("{r} for steps {a}-{b}")
+            })
+            .collect();
+        println!(
+            "learning rate {:?} (webui schedule): {}",
+            p.learning_rate,
+            parts.join(", ")
+        );
+    }
     println!(
         "trained modules: {} UNet + {} text encoder, {} trainable parameters",
         p.unet_modules, p.text_encoder_modules, p.trainable_parameters

@@ -105,14 +105,17 @@ impl Method for DreamBoothMethod<'_> {
         let mut g = vec![VarGroup {
             name: "unet".into(),
             vars: vars(&self.unet),
-            lr: self.o.learning_rate,
+            lr: self.o.learning_rate.base(),
             until: None,
         }];
         if !self.text_encoder.is_empty() {
             g.push(VarGroup {
                 name: "text_encoder".into(),
                 vars: vars(&self.text_encoder),
-                lr: self.o.text_encoder_lr.unwrap_or(self.o.learning_rate),
+                lr: self
+                    .o
+                    .text_encoder_lr
+                    .unwrap_or(self.o.learning_rate.base()),
                 until: self.o.stop_text_encoder_training,
             });
         }

@@ -131,10 +131,9 @@ impl StepRates {
                 .ok_or_else(|| bad(format!("{rate:?} is not a learning rate")))?;
             let end = match step {
                 None | Some("-1") => None,
-                Some(s) => Some(
-                    s.parse::<u64>()
-                        .map_err(|_| bad(format!("{s:?} is not a step number")))?,
-                ),
+                Some(s) => Some(s.parse::<u64>().ok().filter(|&e| e > 0).ok_or_else(|| {
+                    bad(format!("{s:?} is not a step number (1 or more, or -1)"))
+                })?),
             };
             if let (Some(e), Some((_, Some(prev)))) = (end, rates.last())
                 && e <= *prev
@@ -161,6 +160,129 @@ impl StepRates {
     /// The step where the schedule ends (None: it runs as long as training does).
     pub fn end(&self) -> Option<u64> {
         self.rates.last().and_then(|r| r.1)
+    }
+
+    /// The steps a run of at most `max_steps` trains, as webui's `LearnRateScheduler`:
+    /// the schedule's end when it comes first (training stops there), else `max_steps`
+    /// (rates past it are never reached).
+    pub fn steps_within(&self, max_steps: u64) -> u64 {
+        self.end().map_or(max_steps, |e| e.min(max_steps))
+    }
+
+    /// The rates a run of `total` steps uses: (rate, first step, last step), 1-based
+    /// steps as the progress shows them, spans past `total` left out.
+    pub fn spans(&self, total: u64) -> Vec<(f64, u64, u64)> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &(rate, end) in &self.rates {
+            let to = end.unwrap_or(u64::MAX).min(total);
+            if to > from {
+                out.push((rate, from + 1, to));
+            }
+            from = to;
+        }
+        out
+    }
+}
+
+/// `--learning-rate`: a number, or (textual inversion and hypernetworks) webui's
+/// step-rate schedule `"0.005:100, 1e-3:1000, 1e-5"` (see [`StepRates`]). The same text
+/// on the command line and in a recipe (`learning-rate: 1e-4` or
+/// `learning-rate: "0.005:100, 1e-5"`); kept as given for the file's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearningRate {
+    text: String,
+    steps: Option<StepRates>,
+    base: f64,
+}
+
+impl LearningRate {
+    /// Parses a number (`1e-4`) or webui's schedule; a one-line error naming the option.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        if let Ok(v) = t.parse::<f64>() {
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!(
+                    "learning rate {text:?}: must be a finite number, 0 or more"
+                ));
+            }
+            return Ok(Self {
+                text: t.to_string(),
+                steps: None,
+                base: v,
+            });
+        }
+        let steps = StepRates::parse(t)?;
+        let base = steps.at(0).unwrap_or(0.0);
+        Ok(Self {
+            text: t.to_string(),
+            steps: Some(steps),
+            base,
+        })
+    }
+
+    /// The rate as a number: the number given, or the schedule's first rate.
+    pub fn base(&self) -> f64 {
+        self.base
+    }
+
+    /// webui's schedule, when given in step syntax.
+    pub fn steps(&self) -> Option<&StepRates> {
+        self.steps.as_ref()
+    }
+
+    /// The text as given (trimmed).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Display for LearningRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::str::FromStr for LearningRate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+impl From<f64> for LearningRate {
+    fn from(v: f64) -> Self {
+        Self {
+            text: v.to_string(),
+            steps: None,
+            base: v,
+        }
+    }
+}
+
+/// A number stays a number; a schedule is its text.
+impl Serialize for LearningRate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.steps {
+            None => s.serialize_f64(self.base),
+            Some(_) => s.serialize_str(&self.text),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LearningRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(v) => Self::parse(&v.to_string()),
+            Raw::Text(t) => Self::parse(&t),
+        }
+        .map_err(serde::de::Error::custom)
     }
 }
 
@@ -194,6 +316,48 @@ mod tests {
             let e = StepRates::parse(bad).unwrap_err();
             assert!(e.contains("learning rate"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn webui_schedule_stops_at_its_end_or_max_steps() {
+        // webui's LearnRateScheduler: rates clamped to the max steps, training stops at
+        // the last rate's step.
+        let r = StepRates::parse("0.05:2, 0.01:6").unwrap();
+        assert_eq!(r.steps_within(4), 4);
+        assert_eq!(r.steps_within(10), 6);
+        assert_eq!(r.spans(4), vec![(0.05, 1, 2), (0.01, 3, 4)]);
+        assert_eq!(r.spans(10), vec![(0.05, 1, 2), (0.01, 3, 6)]);
+        let open = StepRates::parse("0.05:2, 0.0:-1").unwrap();
+        assert_eq!(open.steps_within(4), 4);
+        assert_eq!(open.spans(4), vec![(0.05, 1, 2), (0.0, 3, 4)]);
+        assert_eq!(open.spans(1), vec![(0.05, 1, 1)]);
+        let e = StepRates::parse("0.1:0").unwrap_err();
+        assert!(e.contains("\"0\" is not a step number"), "{e}");
+    }
+
+    #[test]
+    fn learning_rate_is_a_number_or_a_schedule_in_flags_and_recipes() {
+        let n = LearningRate::parse("1e-4").unwrap();
+        assert_eq!((n.base(), n.steps(), n.text()), (1e-4, None, "1e-4"));
+        let s = LearningRate::parse("0.005:100, 1e-5").unwrap();
+        assert_eq!(s.base(), 0.005);
+        assert_eq!(s.steps().unwrap().at(100), Some(1e-5));
+        assert_eq!(s.to_string(), "0.005:100, 1e-5");
+        assert!(LearningRate::parse("-1").unwrap_err().contains("0 or more"));
+        assert!(LearningRate::parse("inf").is_err());
+        assert!(
+            LearningRate::parse("fast")
+                .unwrap_err()
+                .contains("learning rate")
+        );
+        // YAML numbers and strings deserialize alike; numbers serialize as numbers.
+        let y: LearningRate = serde_yaml::from_str("0.0001").unwrap();
+        assert_eq!(y.base(), 1e-4);
+        let y: LearningRate = serde_yaml::from_str("\"0.05:2, 0.0:-1\"").unwrap();
+        assert_eq!(y.steps().unwrap().end(), None);
+        assert!(serde_yaml::from_str::<LearningRate>("\"0.1:x\"").is_err());
+        assert_eq!(serde_json::to_string(&n).unwrap(), "0.0001");
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"0.005:100, 1e-5\"");
     }
 
     fn sched(kind: LrScheduler, warmup: u64) -> Schedule {

@@ -137,13 +137,13 @@ pub fn lora_metadata(o: &LoraOptions, f: &RunFacts) -> BTreeMap<String, String> 
     };
     let ds = f.dataset;
     let (w, h) = o.resolution().unwrap_or((512, 512));
-    let unet_lr = o.unet_lr.unwrap_or(o.learning_rate);
-    let te_lr = o.text_encoder_lr.unwrap_or(o.learning_rate);
+    let unet_lr = o.unet_lr.unwrap_or(o.learning_rate.base());
+    let te_lr = o.text_encoder_lr.unwrap_or(o.learning_rate.base());
     put("ss_session_id", f.session_id.to_string());
     put("ss_training_started_at", f.started.to_string());
     put("ss_training_finished_at", f.finished.to_string());
     put("ss_output_name", o.output_name.clone());
-    put("ss_learning_rate", py_float(o.learning_rate));
+    put("ss_learning_rate", py_float(o.learning_rate.base()));
     put("ss_unet_lr", py_float(unet_lr));
     put("ss_text_encoder_lr", py_float(te_lr));
     put("ss_num_train_images", ds.train_samples.to_string());

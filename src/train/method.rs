@@ -4,9 +4,11 @@
 //! DreamBooth, Textual Inversion and hypernetworks implement the same trait.
 
 use super::metadata::{RunFacts, lora_metadata};
-use super::options::{HypernetworkOptions, LoraOptions, TextualInversionOptions};
+use super::options::{EmbeddingFormat, HypernetworkOptions, LoraOptions, TextualInversionOptions};
 use super::rng::Rng;
-use crate::adapters::embedding::{FileFormat, TrainableEmbedding, kohya_metadata};
+use crate::adapters::embedding::{
+    FileFormat, PtMeta as EmbeddingPtMeta, TrainableEmbedding, kohya_metadata,
+};
 use crate::adapters::hypernetwork::{Hypernetwork, file::PtMeta};
 use crate::adapters::lora::{LoraNetwork, Part};
 use candle_core::{DType, Tensor, Var};
@@ -82,7 +84,7 @@ impl Method for LoraMethod<'_> {
             (!vars.is_empty()).then(|| VarGroup {
                 name: name.into(),
                 vars,
-                lr: lr.unwrap_or(o.learning_rate),
+                lr: lr.unwrap_or(o.learning_rate.base()),
                 until: None,
             })
         })
@@ -151,7 +153,7 @@ impl Method for HypernetworkMethod<'_> {
         vec![VarGroup {
             name: "hypernetwork".into(),
             vars: self.net.vars(),
-            lr: self.o.learning_rate,
+            lr: self.o.learning_rate.base(),
             until: None,
         }]
     }
@@ -197,9 +199,13 @@ impl Method for HypernetworkMethod<'_> {
     }
 }
 
-/// Textual inversion: new token vectors, saved as kohya's `emb_params` file.
+/// Textual inversion: new token vectors, saved as kohya's `emb_params` file, webui's
+/// `.pt` or diffusers' file (`--save-format`).
 pub struct EmbeddingMethod<'a> {
     pub o: &'a TextualInversionOptions,
+    /// webui's `sd_checkpoint` (short hash) and `sd_checkpoint_name` of the base model
+    /// (written into `.pt` files).
+    pub checkpoint: (Option<String>, String),
     pub te: TrainableEmbedding,
     /// The word that calls it (in training prompts too).
     pub name: String,
@@ -213,11 +219,18 @@ impl Method for EmbeddingMethod<'_> {
         "textual_inversion"
     }
 
+    fn extension(&self) -> &'static str {
+        match self.o.save_format {
+            EmbeddingFormat::Pt => ".pt",
+            EmbeddingFormat::Safetensors | EmbeddingFormat::Diffusers => ".safetensors",
+        }
+    }
+
     fn groups(&self) -> Vec<VarGroup> {
         vec![VarGroup {
             name: "embedding".into(),
             vars: self.te.vars(),
-            lr: self.o.learning_rate,
+            lr: self.o.learning_rate.base(),
             until: None,
         }]
     }
@@ -255,16 +268,37 @@ impl Method for EmbeddingMethod<'_> {
         self.te.load_tensors(tensors)
     }
 
+    /// `--save-precision` applies to the safetensors formats; `.pt` files are f32, as
+    /// webui writes them.
     fn save(&self, path: &Path, facts: &RunFacts, dtype: DType) -> Result<(), String> {
-        let meta = kohya_metadata(
-            &self.name,
-            facts.arch,
-            facts.prediction,
-            self.resolution,
-            facts.finished,
-        );
-        self.te
-            .save(path, FileFormat::Kohya, dtype, &meta)
-            .map_err(|e| e.to_string())
+        let done = match self.o.save_format {
+            EmbeddingFormat::Safetensors => {
+                let meta = kohya_metadata(
+                    &self.name,
+                    facts.arch,
+                    facts.prediction,
+                    self.resolution,
+                    facts.finished,
+                );
+                self.te.save(path, FileFormat::Kohya, dtype, &meta)
+            }
+            EmbeddingFormat::Diffusers => {
+                self.te
+                    .save(path, FileFormat::Diffusers, dtype, &BTreeMap::new())
+            }
+            EmbeddingFormat::Pt => {
+                let meta = EmbeddingPtMeta {
+                    name: path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    step: facts.steps as i64,
+                    sd_checkpoint: self.checkpoint.0.clone(),
+                    sd_checkpoint_name: Some(self.checkpoint.1.clone()),
+                };
+                self.te.save_pt(path, &meta)
+            }
+        };
+        done.map_err(|e| e.to_string())
     }
 }

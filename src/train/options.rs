@@ -1,7 +1,7 @@
 //! Options of `sdkit train <method>` with kohya sd-scripts' names and defaults (flags and
 //! recipe keys are the same: `--network-dim` / `network-dim:` / `network_dim:`).
 
-use super::lr::LrScheduler;
+use super::lr::{LearningRate, LrScheduler};
 use super::objective::{HuberSchedule, LossType};
 use super::optim::OptimizerKind;
 use crate::model::schedule::Prediction;
@@ -93,8 +93,10 @@ pub struct TrainOptions {
     pub seed: Option<u64>,
 
     /// Base learning rate (kohya's default 2e-6; LoRA is usually trained at 1e-4).
-    #[arg(long, default_value_t = 2e-6)]
-    pub learning_rate: f64,
+    /// textual-inversion and hypernetwork also take webui's schedule "0.005:100, 1e-5"
+    /// (each rate until its step; training ends at the last rate's step, if it has one).
+    #[arg(long, default_value = "2e-6", value_parser = LearningRate::parse)]
+    pub learning_rate: LearningRate,
     #[arg(long, value_enum, default_value_t = OptimizerKind::AdamW, alias = "optimizer-type")]
     pub optimizer: OptimizerKind,
     /// `key=value` optimizer arguments: betas=0.9,0.99 weight_decay=0.01 eps=1e-8 momentum=0.9;
@@ -218,6 +220,17 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
+    /// Refuses webui's step schedule for methods that take a plain number.
+    pub fn number_learning_rate(&self, method: &str) -> Result<(), String> {
+        match self.learning_rate.steps() {
+            Some(_) => Err(format!(
+                "--learning-rate {:?}: webui's step schedule is for textual-inversion and hypernetwork; {method} takes a number (schedules: --lr-scheduler)",
+                self.learning_rate.text()
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The training resolution as (width, height).
     pub fn resolution(&self) -> Result<(u32, u32), String> {
         let parse = |s: &str| {
@@ -268,6 +281,20 @@ impl TrainOptions {
         }
         if self.lr_warmup_steps < 0.0 {
             return Err("--lr-warmup-steps must not be negative".into());
+        }
+        if self.learning_rate.steps().is_some() {
+            let lr = self.learning_rate.text();
+            if self.lr_scheduler != LrScheduler::Constant {
+                return Err(format!(
+                    "--learning-rate {lr:?} is a step schedule, which replaces --lr-scheduler {}: give one of the two",
+                    self.lr_scheduler.name()
+                ));
+            }
+            if self.lr_warmup_steps != 0.0 {
+                return Err(format!(
+                    "--learning-rate {lr:?} is a step schedule, which has no warmup: leave --lr-warmup-steps out"
+                ));
+            }
         }
         if self.mixed_precision == MixedPrecision::Bf16 && self.device == DeviceArg::Cpu {
             return Err(
@@ -339,6 +366,7 @@ impl std::ops::Deref for LoraOptions {
 impl LoraOptions {
     pub fn validate(&self) -> Result<(), String> {
         self.train.validate()?;
+        self.train.number_learning_rate("a LoRA")?;
         if self.network_train_unet_only && self.network_train_text_encoder_only {
             return Err(
                 "--network-train-unet-only and --network-train-text-encoder-only exclude each other"
@@ -362,7 +390,8 @@ impl LoraOptions {
     sdkit train hypernetwork --model v1-5-pruned-emaonly.safetensors --data train/ --out hn/ \\\n    \
     --output-name ink --layer-structure 1,2,1 --activation-func relu --learning-rate 5e-6 --max-train-steps 2000\n\n\
 Files: OUT/NAME.pt (webui's hypernetwork format: models/hypernetworks/), OUT/NAME-000004.pt\n\
-per saved epoch, OUT/NAME-state/ with --save-state.")]
+per saved epoch, OUT/NAME-state/ with --save-state.\n\
+--learning-rate also takes webui's schedule, e.g. \"5e-5:100, 5e-6:1500, 5e-7\".")]
 pub struct HypernetworkOptions {
     #[command(flatten)]
     #[serde(flatten)]
@@ -384,8 +413,9 @@ impl std::ops::Deref for HypernetworkOptions {
     sdkit train textual-inversion --model v1-5-pruned-emaonly.safetensors --data train/ --out emb/ \\\n    \
     --output-name mycat --init-word cat --num-vectors-per-token 4 --template subject --learning-rate 5e-3\n\n\
 Files: OUT/NAME.safetensors (kohya's emb_params, which webui reads from models/embeddings/;\n\
-write NAME in a prompt to use it), OUT/NAME-000004.safetensors per saved epoch, OUT/NAME-state/\n\
-with --save-state.")]
+write NAME in a prompt to use it; OUT/NAME.pt with --save-format pt), OUT/NAME-000004.safetensors\n\
+per saved epoch, OUT/NAME-state/ with --save-state.\n\
+--learning-rate also takes webui's schedule, e.g. \"0.005:100, 1e-3:1000, 1e-5\".")]
 pub struct TextualInversionOptions {
     #[command(flatten)]
     #[serde(flatten)]
@@ -406,6 +436,24 @@ pub struct TextualInversionOptions {
     /// Without --template: this word in the captions becomes the embedding's name.
     #[arg(long)]
     pub trigger: Option<String>,
+    /// File format: safetensors (kohya's emb_params), pt (webui's embedding .pt) or
+    /// diffusers ({name: vectors}, learned_embeds.safetensors).
+    #[arg(long, value_enum, default_value_t = EmbeddingFormat::Safetensors)]
+    #[serde(default)]
+    pub save_format: EmbeddingFormat,
+}
+
+/// `--save-format` of textual inversion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingFormat {
+    /// kohya's `{"emb_params": [n, w]}` with the SAI model spec.
+    #[default]
+    Safetensors,
+    /// webui's `.pt` (`string_to_param`, `step`, `sd_checkpoint`, ...).
+    Pt,
+    /// diffusers' `{name: [n, w]}` (`learned_embeds.safetensors`).
+    Diffusers,
 }
 
 impl std::ops::Deref for TextualInversionOptions {
@@ -474,6 +522,7 @@ impl std::ops::Deref for DreamBoothOptions {
 impl DreamBoothOptions {
     pub fn validate(&self) -> Result<(), String> {
         self.train.validate()?;
+        self.train.number_learning_rate("DreamBooth")?;
         if self.mixed_precision != MixedPrecision::No {
             let mp = if self.mixed_precision == MixedPrecision::Fp16 {
                 "fp16"

@@ -12,8 +12,8 @@ use super::method::{EmbeddingMethod, HypernetworkMethod, LoraMethod, Method};
 use super::objective::Objective;
 use super::optim::{Group, Hyper, Optimizer, clip_grad_norm};
 use super::options::{
-    DeviceArg, DreamBoothOptions, HypernetworkOptions, LoraOptions, MixedPrecision, SampleSampler,
-    SavePrecision, TextualInversionOptions, TrainOptions,
+    DeviceArg, DreamBoothOptions, EmbeddingFormat, HypernetworkOptions, LoraOptions,
+    MixedPrecision, SampleSampler, SavePrecision, TextualInversionOptions, TrainOptions,
 };
 use super::rng::{Purpose, Rng};
 use super::samples::{self, SamplePrompt};
@@ -67,6 +67,11 @@ pub struct Plan {
     pub epochs: u64,
     pub total_steps: u64,
     pub warmup_steps: u64,
+    /// `--learning-rate` as given.
+    pub learning_rate: String,
+    /// With webui's step schedule: (rate, first step, last step) over the run, 1-based.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate_steps: Option<Vec<(f64, u64, u64)>>,
     pub unet_modules: usize,
     pub text_encoder_modules: usize,
     pub trainable_parameters: usize,
@@ -391,10 +396,13 @@ fn prepare<'a>(
     let method = attach(&mut models, Base { vars, frozen }, &mut init, &dev)?;
     let batches = ds.batches_per_epoch(o.batch_size);
     let steps_per_epoch = batches.div_ceil(o.gradient_accumulation_steps);
-    let total_steps = match o.max_train_epochs {
+    let max_steps = match o.max_train_epochs {
         Some(e) => e * steps_per_epoch,
         None => o.max_train_steps,
     };
+    // webui's schedule ends training at its last rate's step, when that comes first.
+    let lr_steps = o.learning_rate.steps();
+    let total_steps = lr_steps.map_or(max_steps, |r| r.steps_within(max_steps));
     let epochs = total_steps.div_ceil(steps_per_epoch.max(1));
     let size = method.size();
     let hyper = Hyper::defaults(o.optimizer)
@@ -420,6 +428,8 @@ fn prepare<'a>(
         epochs,
         total_steps,
         warmup_steps: warmup_steps(o.lr_warmup_steps, total_steps),
+        learning_rate: o.learning_rate.text().to_string(),
+        learning_rate_steps: lr_steps.map(|r| r.spans(total_steps)),
         unet_modules: size.unet_modules,
         text_encoder_modules: size.text_encoder_modules,
         trainable_parameters: size.parameters,
@@ -504,8 +514,14 @@ fn embedding(o: &TextualInversionOptions) -> Result<Box<Attach<'_>>, TrainError>
             )
             .map_err(input)?;
             let te = TrainableEmbedding::attach(&mut models.clip, &emb).map_err(input)?;
+            let checkpoint = match o.save_format {
+                EmbeddingFormat::Pt => crate::formats::png_params::model_hash_and_name(&o.model)
+                    .map_err(|e| input(format!("{}: {e}", o.model.display())))?,
+                _ => (None, String::new()),
+            };
             Ok(Box::new(EmbeddingMethod {
                 o,
+                checkpoint,
                 te,
                 name,
                 template,
@@ -777,6 +793,12 @@ fn train<'a>(
         num_cycles: o.lr_scheduler_num_cycles,
         power: o.lr_scheduler_power,
     };
+    // The rate of optimizer step `s` (0-based) for a group of base rate `base`: webui's
+    // step schedule when given (it replaces --lr-scheduler), else kohya's schedule.
+    let lr_at = |base: f64, s: u64| match o.learning_rate.steps() {
+        Some(r) => r.at(s).unwrap_or(0.0),
+        None => schedule.lr(base, s),
+    };
 
     let prompts: Vec<SamplePrompt> = match &o.sample_prompts {
         Some(p) => {
@@ -992,7 +1014,7 @@ fn train<'a>(
                 .zip(&untils)
                 .map(|(&b, u)| match u {
                     Some(u) if pos.step >= *u => 0.0,
-                    _ => schedule.lr(b, pos.step),
+                    _ => lr_at(b, pos.step),
                 })
                 .collect();
             opt.step(&grads, &lrs).map_err(run_err)?;

@@ -83,3 +83,16 @@ pub fn device() -> candle_core::Device {
 pub fn device_arg() -> String {
     std::env::var("SDKIT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
 }
+
+/// A Python with torch: $REFPY (../shared/scripts/refenv.sh), else python3 if it has torch.
+pub fn python_with_torch() -> Option<String> {
+    let candidates = std::env::var("REFPY")
+        .into_iter()
+        .chain(["python3".to_string()]);
+    candidates.into_iter().find(|p| {
+        std::process::Command::new(p)
+            .args(["-c", "import torch"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
