@@ -68,7 +68,6 @@ pub fn read_all(path: &Path) -> Result<HashMap<String, Tensor>, String> {
     Ok(out)
 }
 
-
 /// The JSON header of a safetensors stream positioned at its start: its length and its
 /// entries (`__metadata__` included).
 fn read_header(

@@ -68,7 +68,6 @@ impl AxisKind {
         }
     }
 
-
     fn parse(s: &str) -> Option<Self> {
         let s = s.trim().to_ascii_lowercase().replace('-', "_");
         let s = match s.as_str() {

@@ -10,10 +10,10 @@ use crate::adapters::embedding::{self, DirEmbeddings, Embedding};
 use crate::adapters::hypernetwork::Hypernetwork;
 use crate::adapters::swap::WeightSnapshot;
 use crate::model::loader::{self, LoadOptions};
-use crate::model::placeholders::Placeholders;
-use crate::model::tokenizer::ClipTokenizer;
 use crate::model::pipeline::{self, Models, Request, SeededNoise};
+use crate::model::placeholders::Placeholders;
 use crate::model::schedule::Prediction;
+use crate::model::tokenizer::ClipTokenizer;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -282,13 +282,7 @@ impl Engine {
         };
         let l = self.loaded.as_ref().expect("prepared");
         // The hypernetwork acts in the UNet: the conditioning does not depend on it.
-        let key = serde_json::to_string(&(
-            &l.adapter,
-            &l.ti,
-            &s.prompt,
-            &s.negative,
-            s.clip_skip,
-        ))?;
+        let key = serde_json::to_string(&(&l.adapter, &l.ti, &s.prompt, &s.negative, s.clip_skip))?;
         let ctx = match self.contexts.get(&key) {
             Some(c) => c.clone(),
             None => {

@@ -121,8 +121,22 @@ impl Plan {
         let mut order: Vec<usize> = (0..self.cells.len()).collect();
         order.sort_by(|&a, &b| {
             let (a, b) = (&self.cells[a].settings, &self.cells[b].settings);
-            (&a.model, &a.lora, &a.embedding, &a.prompt, &a.negative, a.clip_skip)
-                .cmp(&(&b.model, &b.lora, &b.embedding, &b.prompt, &b.negative, b.clip_skip))
+            (
+                &a.model,
+                &a.lora,
+                &a.embedding,
+                &a.prompt,
+                &a.negative,
+                a.clip_skip,
+            )
+                .cmp(&(
+                    &b.model,
+                    &b.lora,
+                    &b.embedding,
+                    &b.prompt,
+                    &b.negative,
+                    b.clip_skip,
+                ))
                 .then(a.weight.total_cmp(&b.weight))
                 .then(a.hypernetwork.cmp(&b.hypernetwork))
                 .then(a.strength.total_cmp(&b.strength))
@@ -378,5 +392,52 @@ mod tests {
             .collect();
         let changes = loras.windows(2).filter(|w| w[0] != w[1]).count();
         assert_eq!(changes, 2, "{loras:?}");
+    }
+
+    #[test]
+    fn embedding_names_and_weight_targets() {
+        let p = std::path::Path::new;
+        assert_eq!(
+            default_embedding_name(p("ti/mycat-000004.safetensors")),
+            "mycat"
+        );
+        assert_eq!(default_embedding_name(p("mycat-step00000100.pt")), "mycat");
+        assert_eq!(default_embedding_name(p("my-cat.safetensors")), "my-cat");
+        assert_eq!(default_embedding_name(p("mycat-0004.pt")), "mycat-0004");
+        let d = tempfile::tempdir().unwrap();
+        let b = base(d.path());
+        let files: Vec<std::path::PathBuf> = ["car-000001.pt", "car-000002.pt", "hn.pt"]
+            .iter()
+            .map(|n| {
+                let f = d.path().join(n);
+                std::fs::write(&f, b"").unwrap();
+                f
+            })
+            .collect();
+        let ax = |s: String| Some(parse_axis(&s).unwrap());
+        let emb = format!("embedding=none,{}/car-*.pt", d.path().display());
+        let plan = build(&b, ax(emb.clone()), None, None).unwrap();
+        let c = &plan.cell(1, 0, 0).settings;
+        assert_eq!(c.embedding.as_ref(), Some(&files[0]));
+        assert_eq!(c.embedding_name.as_deref(), Some("car"));
+        assert_eq!(plan.cell(0, 0, 0).settings.embedding, None);
+        let mut b2 = b.clone();
+        b2.embedding_name = Some("truck".into());
+        let e = build(&b2, ax(emb), None, None).unwrap_err();
+        assert!(e.contains("never uses `truck`"), "{e}");
+        let e = build(&b2, None, None, None).unwrap_err();
+        assert!(e.contains("needs an embedding axis"), "{e}");
+        // a weight axis varies the hypernetwork's strength when it is the adapter on an
+        // axis, the LoRA's weight otherwise
+        let hn = format!("hypernetwork=none,{}", files[2].display());
+        let plan = build(&b, ax(hn), ax("weight=0.25".into()), None).unwrap();
+        let c = &plan.cell(1, 0, 0).settings;
+        assert_eq!((c.strength, c.weight), (0.25, 1.0));
+        let mut b3 = b.clone();
+        b3.lora = Some(files[2].clone());
+        b3.hypernetwork = Some(files[2].clone());
+        let plan = build(&b3, ax("weight=0.25".into()), None, None).unwrap();
+        let c = &plan.cell(0, 0, 0).settings;
+        assert_eq!((c.strength, c.weight), (1.0, 0.25));
     }
 }

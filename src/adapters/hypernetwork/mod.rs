@@ -179,7 +179,11 @@ impl Hypernetwork {
 
     /// The widths of this network that a UNet of `cfg` has attention contexts of; an
     /// error (naming `file`) when there is none: the network was made for another model.
-    pub fn fits(&self, cfg: &UNetConfig, file: &std::path::Path) -> std::result::Result<Vec<usize>, String> {
+    pub fn fits(
+        &self,
+        cfg: &UNetConfig,
+        file: &std::path::Path,
+    ) -> std::result::Result<Vec<usize>, String> {
         let have = default_widths(cfg);
         let mine: Vec<usize> = self.modules.iter().map(|(w, _)| *w).collect();
         let widths: Vec<usize> = mine.iter().copied().filter(|w| have.contains(w)).collect();
