@@ -77,19 +77,19 @@ pub fn file_facts<'a>(
                 f.embeddings[e].check_width(w)?;
             }
         }
-        if let Some(d) = &s.embeddings {
-            let key = (d.clone(), s.model.clone());
-            if !f.dirs.contains_key(&key) {
-                // The prompts of every cell on this checkpoint: a file they call that
-                // cannot be used is an error now.
-                let prompts: Vec<&str> = cells
-                    .clone()
-                    .filter(|c| c.model == s.model)
-                    .flat_map(|c| [c.prompt.as_str(), c.negative.as_str()])
-                    .collect();
-                let found = embedding::scan_dir(d, width, &prompts)?;
-                f.dirs.insert(key, found.embeddings);
-            }
+        if let Some(d) = &s.embeddings
+            && let std::collections::hash_map::Entry::Vacant(slot) =
+                f.dirs.entry((d.clone(), s.model.clone()))
+        {
+            // The prompts of every cell on this checkpoint: a file they call that
+            // cannot be used is an error now.
+            let prompts: Vec<&str> = cells
+                .clone()
+                .filter(|c| c.model == s.model)
+                .flat_map(|c| [c.prompt.as_str(), c.negative.as_str()])
+                .collect();
+            let found = embedding::scan_dir(d, width, &prompts)?;
+            slot.insert(found.embeddings);
         }
         if let Some(h) = &s.hypernetwork
             && !f.sha256.contains_key(h)
