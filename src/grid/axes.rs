@@ -528,6 +528,17 @@ mod tests {
             labels,
             ["lora: none", "lora: ron-000001", "lora: ron-000002"]
         );
+        let a = parse_axis(&format!("hn=none,{}/ron-000001.*", d.path().display())).unwrap();
+        assert_eq!(a.kind, AxisKind::Hypernetwork);
+        assert_eq!(a.label(0), "hypernetwork: none");
+        assert_eq!(a.label(1), "hypernetwork: ron-000001");
+        let a = parse_axis(&format!("TI=None,{}/x.*", d.path().display())).unwrap();
+        assert_eq!(a.kind, AxisKind::Embedding);
+        assert_eq!(a.values[0], Value::File(None));
+        assert_eq!(a.label(1), "embedding: x");
+        // a model axis has no `none`: it is a file name there
+        let a = parse_axis("model=none").unwrap();
+        assert_eq!(a.values[0], Value::File(Some("none".into())));
         let e = parse_axis(&format!("lora={}/nope-*", d.path().display())).unwrap_err();
         assert!(e.contains("matches no file"), "{e}");
         assert!(wildcard("a?c*", "abcdef"));
