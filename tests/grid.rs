@@ -1,7 +1,7 @@
-//! `sdkit grid` end to end on the tiny SD1 checkpoint and the tiny LoRA fixture: grid
-//! geometry and labels against the cell PNGs, determinism, weight 0 = the reference
-//! column, a cell = `sdkit sample` with the same settings, re-runs keep finished cells,
-//! and bad input fails before anything renders.
+//! `sdkit grid` end to end on the tiny SD1 checkpoint and the tiny LoRA, embedding and
+//! hypernetwork fixtures: grid geometry and labels against the cell PNGs, determinism,
+//! weight 0 = the reference column, a cell = `sdkit sample` with the same settings,
+//! re-runs keep finished cells, and bad input fails before anything renders.
 
 mod common;
 
@@ -10,6 +10,22 @@ use std::process::{Command, Output};
 
 fn lora() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora/tiny_lora_linear.safetensors")
+}
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// The tiny SD1 model's embedding `myemb` (3 vectors, kohya's format).
+fn embedding() -> PathBuf {
+    fixture("embedding/kohya/myemb.safetensors")
+}
+
+/// A webui hypernetwork for the tiny SD1 UNet (widths 32 and 16).
+fn hypernetwork() -> PathBuf {
+    fixture("hypernetwork/webui_tiny.pt")
 }
 
 fn model() -> PathBuf {
@@ -71,7 +87,7 @@ fn index(out: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out.join("grid.json")).unwrap()).unwrap()
 }
 
-fn cell<'a>(ix: &'a serde_json::Value, x: u64, y: u64) -> &'a serde_json::Value {
+fn cell(ix: &serde_json::Value, x: u64, y: u64) -> &serde_json::Value {
     ix["cells"]
         .as_array()
         .unwrap()
@@ -218,18 +234,242 @@ fn grid_cells_labels_reference_and_sample() {
     // Determinism: a fresh folder renders the same bytes for the same seed.
     let again = dir.path().join("g2");
     grid(&again, &[]);
-    for i in 0..4 {
+    for (i, b) in before.iter().enumerate() {
         let f = format!("cells/z0-y{}-x{}.png", i / 2, i % 2);
-        assert_eq!(
-            rgb(&again.join(&f)).into_raw(),
-            before_px(&before[i]),
-            "{f}"
-        );
+        assert_eq!(rgb(&again.join(&f)).into_raw(), before_px(b), "{f}");
     }
 }
 
 fn before_px(png: &[u8]) -> Vec<u8> {
     image::load_from_memory(png).unwrap().to_rgb8().into_raw()
+}
+
+/// `sdkit <args> --json` (or `--quiet` for sample) with the settings of the adapter tests
+/// (seed 7, 2 DDIM steps, 32x32); must succeed.
+fn run_ok(args: &[&str]) -> Output {
+    let mut argv: Vec<&str> = args.to_vec();
+    argv.extend([
+        "--seed",
+        "7",
+        "--steps",
+        "2",
+        "--sampler",
+        "ddim",
+        "--width",
+        "32",
+        "--height",
+        "32",
+    ]);
+    let o = sdkit(&argv);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+fn params(p: &Path) -> String {
+    sdkit::formats::png_params::read_parameters(p)
+        .unwrap()
+        .unwrap()
+}
+
+/// An embedding axis [none, an epoch file]: the file is attached under the prompt's name
+/// (`myemb`); the none cell is the image without it, the file's cell the image and the
+/// infotext of `sdkit sample --embeddings` with the prompt webui would need for that
+/// file (its stem in the prompt, `TI hashes`); another file under the same path renders
+/// again.
+#[test]
+fn embedding_axis_reference_and_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let ti = dir.path().join("ti");
+    std::fs::create_dir(&ti).unwrap();
+    let epoch = ti.join("myemb-000002.safetensors");
+    std::fs::copy(embedding(), &epoch).unwrap();
+    let out = dir.path().join("g");
+    let m = s(&model());
+    let x = format!("embedding=none,{}/myemb-*.safetensors", s(&ti));
+    let grid_args = [
+        "grid",
+        "--model",
+        &m,
+        "--prompt",
+        "a photo of myemb",
+        "--negative",
+        "lowres",
+        "--x",
+        &x,
+        "--json",
+        "--out",
+        &s(&out),
+    ];
+    let rep: serde_json::Value = serde_json::from_slice(&run_ok(&grid_args).stdout).unwrap();
+    assert_eq!(rep["rendered"], 2);
+    assert_eq!(rep["work"]["model_loads"], 1);
+    let ix = index(&out);
+    assert_eq!(ix["x"]["labels"][1], "embedding: myemb-000002");
+    assert_eq!(cell(&ix, 1, 0)["settings"]["embedding_name"], "myemb");
+    let f = |x| out.join(cell(&ix, x, 0)["file"].as_str().unwrap());
+    let px = |x| rgb(&f(x)).into_raw();
+
+    // sample without embeddings: the none cell
+    let plain = dir.path().join("plain");
+    let so = s(&plain);
+    run_ok(&[
+        "sample",
+        "--model",
+        &m,
+        "--prompt",
+        "a photo of myemb",
+        "--negative",
+        "lowres",
+        "--quiet",
+        "--out",
+        &so,
+    ]);
+    let plain_png = plain.join("00000-7.png");
+    assert_eq!(px(0), rgb(&plain_png).into_raw());
+    assert_eq!(params(&f(0)), params(&plain_png));
+    assert_ne!(px(1), px(0), "the embedding changes the image");
+
+    // sample with the epoch file in an embeddings folder, called by its stem
+    let with = dir.path().join("with");
+    let (st, sw) = (s(&ti), s(&with));
+    run_ok(&[
+        "sample",
+        "--model",
+        &m,
+        "--prompt",
+        "a photo of myemb-000002",
+        "--negative",
+        "lowres",
+        "--embeddings",
+        &st,
+        "--quiet",
+        "--out",
+        &sw,
+    ]);
+    let with_png = with.join("00000-7.png");
+    assert_eq!(px(1), rgb(&with_png).into_raw());
+    assert_eq!(params(&f(1)), params(&with_png));
+    let t = sdkit::formats::png_params::parse(&params(&f(1)));
+    assert_eq!(t.prompt, "a photo of myemb-000002");
+    assert!(t.get("TI hashes").unwrap().starts_with("myemb-000002: "));
+
+    // The same vectors in another file (diffusers' layout) under the same path: the
+    // file's hash changed, so its cell renders again; the none cell is kept.
+    std::fs::copy(fixture("embedding/diffusers/myemb.safetensors"), &epoch).unwrap();
+    let rep: serde_json::Value = serde_json::from_slice(&run_ok(&grid_args).stdout).unwrap();
+    assert_eq!(
+        (rep["rendered"].as_u64(), rep["kept"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(px(1), rgb(&with_png).into_raw(), "same vectors, same image");
+
+    // --embeddings for every cell: the folder's file of the axis' name is left out (the
+    // axis decides what `myemb` means), so the none cell is still the plain image.
+    let folder = dir.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(embedding(), folder.join("myemb.safetensors")).unwrap();
+    let out2 = dir.path().join("g2");
+    let (sf, so2) = (s(&folder), s(&out2));
+    let mut args = grid_args.to_vec();
+    let n = args.len();
+    args[n - 1] = &so2;
+    args.extend(["--embeddings", &sf]);
+    run_ok(&args);
+    let ix2 = index(&out2);
+    let f2 = |x| out2.join(cell(&ix2, x, 0)["file"].as_str().unwrap());
+    assert_eq!(rgb(&f2(0)).into_raw(), rgb(&plain_png).into_raw());
+    assert_eq!(rgb(&f2(1)).into_raw(), rgb(&with_png).into_raw());
+}
+
+/// A hypernetwork axis [none, file] x weight [0, 0.5]: weight 0 and none are the
+/// reference, the file at 0.5 is `sdkit sample --hypernetwork FILE:0.5` (pixels and
+/// webui's Hypernet entries); `--hypernetwork FILE` with `--weight` gives the same cell.
+#[test]
+fn hypernetwork_axis_weight_zero_is_reference_and_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("g");
+    let (m, h, so) = (s(&model()), s(&hypernetwork()), s(&out));
+    let x = format!("hypernetwork=none,{h}");
+    let o = run_ok(&[
+        "grid",
+        "--model",
+        &m,
+        "--prompt",
+        "a photo of a cat",
+        "--x",
+        &x,
+        "--y",
+        "weight=0,0.5",
+        "--json",
+        "--out",
+        &so,
+    ]);
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rep["rendered"], 4);
+    assert_eq!(rep["work"]["model_loads"], 1);
+    assert_eq!(rep["work"]["hypernetwork_attaches"], 2);
+    let ix = index(&out);
+    assert_eq!(ix["x"]["labels"][1], "hypernetwork: webui_tiny");
+    let f = |x, y| out.join(cell(&ix, x, y)["file"].as_str().unwrap());
+    let px = |x, y| rgb(&f(x, y)).into_raw();
+    assert_eq!(px(1, 0), px(0, 0), "strength 0 is the reference");
+    assert_eq!(px(0, 1), px(0, 0));
+    assert_ne!(
+        px(1, 1),
+        px(0, 0),
+        "the hypernetwork at 0.5 changes the image"
+    );
+
+    let sample_out = dir.path().join("s");
+    let (hw, ss) = (format!("{h}:0.5"), s(&sample_out));
+    run_ok(&[
+        "sample",
+        "--model",
+        &m,
+        "--prompt",
+        "a photo of a cat",
+        "--hypernetwork",
+        &hw,
+        "--quiet",
+        "--out",
+        &ss,
+    ]);
+    let png = sample_out.join("00000-7.png");
+    assert_eq!(px(1, 1), rgb(&png).into_raw());
+    let (t, want) = (
+        sdkit::formats::png_params::parse(&params(&f(1, 1))),
+        sdkit::formats::png_params::parse(&params(&png)),
+    );
+    assert_eq!(t.prompt, "a photo of a cat <hypernet:webui_tiny:0.5>");
+    for k in [
+        "Hypernet",
+        "Hypernet hash",
+        "Hypernet strength",
+        "Seed",
+        "Model",
+    ] {
+        assert_eq!(t.get(k), want.get(k), "{k}");
+    }
+    assert_eq!(t.get("Hypernet strength"), Some("0.5"));
+
+    // A fixed --hypernetwork takes --weight as its strength.
+    let out2 = dir.path().join("g2");
+    let so2 = s(&out2);
+    run_ok(&[
+        "grid",
+        "--model",
+        &m,
+        "--prompt",
+        "a photo of a cat",
+        "--hypernetwork",
+        &h,
+        "--weight",
+        "0.5",
+        "--quiet",
+        "--out",
+        &so2,
+    ]);
+    assert_eq!(rgb(&out2.join("cells/z0-y0-x0.png")).into_raw(), px(1, 1));
 }
 
 #[test]
@@ -293,6 +533,20 @@ fn bad_input_fails_before_rendering() {
     let missing = s(&dir.path().join("ron-000009.safetensors"));
     let notlora = dir.path().join("notes.safetensors");
     std::fs::write(&notlora, b"not a safetensors file at all").unwrap();
+    // An SD-like embedding 16 wide: the tiny model's text encoder is 32 wide.
+    let wide = dir.path().join("cat.safetensors");
+    let t = candle_core::Tensor::zeros((2, 16), candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    let bytes = sdkit::formats::safetensors::serialize(
+        &[("emb_params".to_string(), t)],
+        &Default::default(),
+    )
+    .unwrap();
+    std::fs::write(&wide, bytes).unwrap();
+    let folder = dir.path().join("embeddings");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(&wide, folder.join("cat.safetensors")).unwrap();
+    let emb = s(&embedding());
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--x".into(), "cfg=4,abc".into()], "`abc`"),
         (
@@ -318,6 +572,48 @@ fn bad_input_fails_before_rendering() {
                 "seed=3".into(),
             ],
             "two axes",
+        ),
+        (
+            vec![
+                "--x".into(),
+                format!("embedding=none,{}", s(&dir.path().join("cat-000002.pt"))),
+            ],
+            "cat-000002.pt: no such file",
+        ),
+        (
+            vec!["--x".into(), format!("embedding=none,{}", s(&wide))],
+            "cat.safetensors: embedding vectors are 16 wide, the model's text encoder is 32 wide",
+        ),
+        (
+            vec!["--embeddings".into(), s(&folder)],
+            "cat.safetensors: embedding vectors are 16 wide",
+        ),
+        (
+            vec!["--x".into(), format!("embedding=none,{emb}")],
+            "the prompt never uses `myemb`",
+        ),
+        (
+            vec![
+                "--x".into(),
+                format!("embedding={emb}"),
+                "--embedding-name".into(),
+                "cat".into(),
+                "--embeddings".into(),
+                s(&dir.path().join("nowhere")),
+            ],
+            "nowhere: --embeddings is not a folder",
+        ),
+        (
+            vec!["--embedding-name".into(), "cat".into()],
+            "--embedding-name cat: needs an embedding axis",
+        ),
+        (
+            vec!["--x".into(), format!("hypernetwork=none,{}", s(&notlora))],
+            "notes.safetensors: not a torch zip file",
+        ),
+        (
+            vec!["--hypernetwork".into(), s(&dir.path().join("ink.pt"))],
+            "ink.pt: no such file",
         ),
     ];
     for (extra, want) in cases {

@@ -312,3 +312,40 @@ fn real_sd15_and_sd21_layouts() {
         }
     }
 }
+
+/// The text encoder's width read without loading (`sdkit grid` checks embeddings with
+/// it before rendering): from a folder's config, a single file's header and a `.ckpt`'s
+/// pickle, for both families' key names.
+#[test]
+fn text_width_without_loading() {
+    for name in [
+        "sd1_diffusers",
+        "sd1.safetensors",
+        "sd1.ckpt",
+        "sd2_diffusers",
+        "sd2.safetensors",
+    ] {
+        let p = fixture(name);
+        assert_eq!(
+            loader::text_width(&p),
+            Some(open(&p).info.text.width),
+            "{name}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (key, width) in [
+        (
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+            768,
+        ),
+        ("cond_stage_model.model.token_embedding.weight", 1024),
+    ] {
+        let p = dir.path().join("m.safetensors");
+        let t = Tensor::zeros((2, width), DType::F16, &Device::Cpu).unwrap();
+        write_st(&p, &HashMap::from([(key.to_string(), t)]));
+        assert_eq!(loader::text_width(&p), Some(width), "{key}");
+    }
+    let p = dir.path().join("notes.safetensors");
+    std::fs::write(&p, b"not a model").unwrap();
+    assert_eq!(loader::text_width(&p), None);
+}

@@ -446,6 +446,16 @@ pub fn load_dir(
     width: usize,
     prompts: &[&str],
 ) -> Result<DirEmbeddings, EmbeddingError> {
+    scan_dir(dir, Some(width), prompts)
+}
+
+/// [`load_dir`] for a text encoder of `width` when known; with `None` every readable
+/// file is kept whatever its width.
+pub fn scan_dir(
+    dir: &Path,
+    width: Option<usize>,
+    prompts: &[&str],
+) -> Result<DirEmbeddings, EmbeddingError> {
     if !dir.is_dir() {
         return Err(err(dir, "not a folder of embeddings"));
     }
@@ -474,7 +484,9 @@ pub fn load_dir(
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let loaded = Embedding::load(&f).and_then(|e| {
-            e.check_width(width)?;
+            if let Some(width) = width {
+                e.check_width(width)?;
+            }
             names
                 .add(tok, &e.name, e.n())
                 .map_err(|x| err(&f, x.to_string()))?;
@@ -498,12 +510,17 @@ pub fn load_dir(
 /// webui's `TI hashes` infotext value for the embeddings `prompts` use: `name: <first 12
 /// hex of the file's sha256>`, comma-separated (`:` and `,` removed from names).
 pub fn ti_hashes(clip: &ClipTextModel, embeddings: &[Embedding], prompts: &[&str]) -> String {
+    ti_hashes_of(&clip.placeholders, embeddings, prompts)
+}
+
+/// [`ti_hashes`] with the names of a registry (what [`attach`] would give a text encoder).
+pub fn ti_hashes_of(names: &Placeholders, embeddings: &[Embedding], prompts: &[&str]) -> String {
     use sha2::{Digest, Sha256};
     let tok = ClipTokenizer::shared();
     let mut seen: Vec<String> = Vec::new();
     let mut parts = Vec::new();
     for p in prompts {
-        for used in clip.placeholders.used_in_prompt(tok, p) {
+        for used in names.used_in_prompt(tok, p) {
             if seen.contains(&used.name) {
                 continue;
             }

@@ -19,10 +19,16 @@ use crate::train::options::DeviceArg;
     sdkit grid --model model.safetensors --prompt \"ohwx, portrait\" --seed 1 \\\n    \
     --x \"lora=none,lora/ron-*.safetensors\" --y weight=0.4,0.7,1.0 --out grids/\n  \
     sdkit grid --model model.safetensors --prompt \"a red car\" --lora ron.safetensors \\\n    \
-    --x \"cfg=4-10 (+3)\" --y prompt=red,blue --z seed=1,2 --dry-run\n\n\
-Axes are KIND=VALUES: lora (files, globs, `none` = no adapter), weight, prompt (webui's\n\
-S/R: the first value is searched for and replaced by each value), cfg, steps, sampler,\n\
-seed, clip_skip, model (checkpoints, loaded per value). Values are comma separated;\n\
+    --x \"cfg=4-10 (+3)\" --y prompt=red,blue --z seed=1,2 --dry-run\n  \
+    sdkit grid --model model.safetensors --prompt \"a photo of mycat\" --seed 1 \\\n    \
+    --x \"embedding=none,ti/mycat-*.safetensors\"\n  \
+    sdkit grid --model model.safetensors --prompt \"a castle\" --seed 1 \\\n    \
+    --x \"hypernetwork=none,hn/ink-*.pt\" --y weight=0.5,1\n\n\
+Axes are KIND=VALUES: lora, embedding, hypernetwork (files, globs, `none` = without),\n\
+weight (of the LoRA or hypernetwork), prompt (webui's S/R: the first value is searched\n\
+for and replaced by each value), cfg, steps, sampler, seed, clip_skip, model\n\
+(checkpoints, loaded per value). An embedding axis attaches each file under the word the\n\
+prompt uses (--embedding-name). Values are comma separated;\n\
 numbers take webui's ranges: 1-5, 1-5 (+2), 0.4-1.0 [4].\n\
 Files: OUT/cells/z*-y*-x*.png (webui parameters), OUT/grid.png (grid-zN.png per Z value),\n\
 OUT/grid.json, OUT/index.html. A re-run keeps cells rendered with identical settings.")]
@@ -45,12 +51,25 @@ pub struct GridArgs {
     /// One grid image per value: KIND=VALUES.
     #[arg(long, value_name = "KIND=VALUES")]
     pub z: Option<String>,
-    /// An adapter for every cell (when no lora axis), e.g. to vary its weight.
+    /// A LoRA for every cell (when no lora axis), e.g. to vary its weight.
     #[arg(long, value_name = "FILE")]
     pub lora: Option<PathBuf>,
-    /// Adapter weight when there is no weight axis.
+    /// Adapter weight when there is no weight axis: the LoRA's, and the hypernetwork's
+    /// strength unless `--hypernetwork` gives one.
     #[arg(long, default_value_t = 1.0)]
     pub weight: f64,
+    /// A webui hypernetwork `.pt` for every cell (when no hypernetwork axis), with an
+    /// optional strength (default `--weight`).
+    #[arg(long, value_name = "FILE[:STRENGTH]")]
+    pub hypernetwork: Option<String>,
+    /// A folder of textual-inversion embeddings for every cell (webui's `embeddings/`):
+    /// each file is called by writing its file stem in the prompt.
+    #[arg(long, value_name = "DIR")]
+    pub embeddings: Option<PathBuf>,
+    /// The word in the prompt that an embedding axis' files are attached under (default:
+    /// the first file's stem without a save suffix: `mycat-000004` -> `mycat`).
+    #[arg(long, value_name = "WORD")]
+    pub embedding_name: Option<String>,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// Classifier-free guidance scale.
@@ -103,6 +122,9 @@ impl Default for GridArgs {
             z: None,
             lora: None,
             weight: 1.0,
+            hypernetwork: None,
+            embeddings: None,
+            embedding_name: None,
             steps: 20,
             cfg: 7.0,
             seed: None,
@@ -119,6 +141,16 @@ impl Default for GridArgs {
             quiet: false,
         }
     }
+}
+
+/// `FILE` or `FILE:WEIGHT` (the weight is what follows the last `:` when it is a number).
+fn file_weight(arg: &str) -> (PathBuf, Option<f64>) {
+    if let Some((f, w)) = arg.rsplit_once(':')
+        && let Ok(w) = w.parse::<f64>()
+    {
+        return (PathBuf::from(f), Some(w));
+    }
+    (PathBuf::from(arg), None)
 }
 
 /// The job of the arguments; every value and file checked.
@@ -146,10 +178,22 @@ pub fn job(a: &GridArgs) -> anyhow::Result<Job> {
             .transpose()
     };
     let (x, y, z) = (axis("x", &a.x)?, axis("y", &a.y)?, axis("z", &a.z)?);
+    let (hypernetwork, strength) = match &a.hypernetwork {
+        Some(h) => {
+            let (f, st) = file_weight(h);
+            (Some(f), st.unwrap_or(a.weight))
+        }
+        None => (None, a.weight),
+    };
     let base = Settings {
         model,
         lora: a.lora.clone(),
         weight: a.weight,
+        embedding: None,
+        embedding_name: a.embedding_name.clone(),
+        embeddings: a.embeddings.clone(),
+        hypernetwork,
+        strength,
         prompt,
         negative: a.negative.clone(),
         steps: a.steps,

@@ -272,23 +272,12 @@ fn apply_hypernetwork(
     arg: &str,
     device: &Device,
 ) -> anyhow::Result<AppliedHypernetwork> {
-    use crate::adapters::hypernetwork::{Hypernetwork, default_widths};
+    use crate::adapters::hypernetwork::Hypernetwork;
     let (file, strength) = parse_lora(arg);
     let hn = Hypernetwork::load(&file, device).map_err(anyhow::Error::msg)?;
-    let have = default_widths(&models.unet.config);
-    let widths: Vec<usize> = hn
-        .modules
-        .iter()
-        .map(|(w, _)| *w)
-        .filter(|w| have.contains(w))
-        .collect();
-    if widths.is_empty() {
-        bail!(
-            "{}: no context width of this hypernetwork ({:?}) is one of this model's ({have:?}): made for another model",
-            file.display(),
-            hn.modules.iter().map(|(w, _)| *w).collect::<Vec<_>>()
-        );
-    }
+    let widths = hn
+        .fits(&models.unet.config, &file)
+        .map_err(anyhow::Error::msg)?;
     hn.attach(&mut models.unet, strength);
     let hash = png_params::short_hash(&file)
         .with_context(|| format!("{}: cannot hash", file.display()))?;
@@ -303,21 +292,6 @@ fn apply_hypernetwork(
         name,
         hash,
     })
-}
-
-/// webui's infotext pairs of a hypernetwork (`Hypernet strength` only when not 1).
-fn hypernet_params(h: &AppliedHypernetwork) -> Vec<(String, String)> {
-    let mut v = vec![
-        ("Hypernet".to_string(), h.name.clone()),
-        ("Hypernet hash".to_string(), h.hash.clone()),
-    ];
-    if h.strength != 1.0 {
-        v.push((
-            "Hypernet strength".to_string(),
-            format!("{:?}", h.strength), // Python's float repr: 0.6, 2.0
-        ));
-    }
-    v
 }
 
 /// The next free webui-style index in `dir` (files named `NNNNN-…`).
@@ -394,7 +368,9 @@ pub fn run(a: SampleArgs) -> anyhow::Result<i32> {
         extra.push(("Lora hashes".to_string(), lora_hashes.clone()));
     }
     if let Some(h) = &hypernetwork {
-        extra.extend(hypernet_params(h));
+        extra.extend(crate::adapters::hypernetwork::infotext(
+            &h.name, &h.hash, h.strength,
+        ));
     }
     let shape = models.latent_shape(a.width, a.height)?;
     let (hash, name) = png_params::model_hash_and_name(&model)

@@ -164,6 +164,11 @@ pub fn parse(text: &str) -> Infotext {
 
 /// First 10 hex digits of the SHA-256 of a file (webui's "Model hash").
 pub fn short_hash(path: &Path) -> io::Result<String> {
+    Ok(sha256_hex(path)?[..10].to_string())
+}
+
+/// The SHA-256 of a file, 64 hex digits (read in 1 MiB pieces).
+pub fn sha256_hex(path: &Path) -> io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -174,8 +179,7 @@ pub fn short_hash(path: &Path) -> io::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(hex[..10].to_string())
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Write an 8-bit RGB image with a `parameters` text chunk, atomically.

@@ -22,19 +22,7 @@ pub fn read_all(path: &Path) -> Result<HashMap<String, Tensor>, String> {
     let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let file_len = file.metadata().map_err(|e| e.to_string())?.len();
     let mut r = BufReader::new(file);
-    let mut n = [0u8; 8];
-    r.read_exact(&mut n)
-        .map_err(|_| "not a safetensors file: shorter than its header length".to_string())?;
-    let n = u64::from_le_bytes(n);
-    if n > MAX_HEADER || n + 8 > file_len {
-        return Err(format!(
-            "not a safetensors file: header length {n} does not fit a {file_len}-byte file"
-        ));
-    }
-    let mut header = vec![0u8; n as usize];
-    r.read_exact(&mut header).map_err(|e| e.to_string())?;
-    let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| format!("not a safetensors file: bad header: {e}"))?;
+    let (n, header) = read_header(&mut r, file_len)?;
     let data_start = 8 + n;
     let data_len = file_len - data_start;
 
@@ -173,6 +161,45 @@ pub fn read_with_metadata(
     Ok((tensors, metadata))
 }
 
+/// The JSON header of a safetensors stream positioned at its start: its length and its
+/// entries (`__metadata__` included).
+fn read_header(
+    r: &mut impl Read,
+    file_len: u64,
+) -> Result<(u64, HashMap<String, serde_json::Value>), String> {
+    let mut n = [0u8; 8];
+    r.read_exact(&mut n)
+        .map_err(|_| "not a safetensors file: shorter than its header length".to_string())?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n + 8 > file_len {
+        return Err(format!(
+            "not a safetensors file: header length {n} does not fit a {file_len}-byte file"
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    r.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header = serde_json::from_slice(&header)
+        .map_err(|e| format!("not a safetensors file: bad header: {e}"))?;
+    Ok((n, header))
+}
+
+/// Name and shape of every tensor of a safetensors file, from its header alone (nothing
+/// else is read). Errors are one line naming the reason.
+pub fn shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+    let (_, header) = read_header(&mut BufReader::new(file), file_len)?;
+    header
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            serde_json::from_value::<TensorInfo>(v)
+                .map(|i| (k.clone(), i.shape))
+                .map_err(|e| format!("tensor `{k}`: bad header entry: {e}"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +229,16 @@ mod tests {
         m.insert("i".to_string(), Tensor::new(&[1i64, 2, 3], &dev).unwrap());
         candle_core::safetensors::save(&m, &p).unwrap();
         let ours = read_all(&p).unwrap();
+        let mut sh = shapes(&p).unwrap();
+        sh.sort();
+        assert_eq!(
+            sh,
+            [
+                ("h".to_string(), vec![5]),
+                ("i".to_string(), vec![3]),
+                ("w".to_string(), vec![3, 4])
+            ]
+        );
         let theirs = candle_core::safetensors::load(&p, &dev).unwrap();
         assert_eq!(ours.len(), 3);
         for (k, t) in &theirs {

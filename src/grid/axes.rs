@@ -29,10 +29,15 @@ pub enum AxisKind {
     ClipSkip,
     /// Checkpoints (a DreamBooth run's saves, or other base models): loaded per value.
     Model,
+    /// Textual-inversion files attached under the name the prompt uses (`none` = the
+    /// reference without it).
+    Embedding,
+    /// webui hypernetworks (`none` = the reference without one).
+    Hypernetwork,
 }
 
 impl AxisKind {
-    pub const ALL: [AxisKind; 9] = [
+    pub const ALL: [AxisKind; 11] = [
         Self::Lora,
         Self::Weight,
         Self::Prompt,
@@ -42,6 +47,8 @@ impl AxisKind {
         Self::Seed,
         Self::ClipSkip,
         Self::Model,
+        Self::Embedding,
+        Self::Hypernetwork,
     ];
 
     /// The name written before `=`.
@@ -56,6 +63,8 @@ impl AxisKind {
             Self::Seed => "seed",
             Self::ClipSkip => "clip_skip",
             Self::Model => "model",
+            Self::Embedding => "embedding",
+            Self::Hypernetwork => "hypernetwork",
         }
     }
 
@@ -66,6 +75,8 @@ impl AxisKind {
             "clipskip" => "clip_skip",
             "checkpoint" => "model",
             "cfg_scale" => "cfg",
+            "ti" | "textual_inversion" | "embeddings" => "embedding",
+            "hypernet" | "hn" => "hypernetwork",
             other => other,
         }
         .to_string();
@@ -77,7 +88,7 @@ impl AxisKind {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 #[serde(untagged)]
 pub enum Value {
-    /// A file (lora, model); `None` for the `none` reference of a lora axis.
+    /// A file (lora, model, embedding, hypernetwork); `None` for the `none` reference.
     File(Option<PathBuf>),
     Float(f64),
     Int(u64),
@@ -142,10 +153,10 @@ pub fn parse_axis(spec: &str) -> Result<Axis, String> {
     }
     let err = |e: String| format!("{spec:?}: {e}");
     let values = match kind {
-        AxisKind::Lora | AxisKind::Model => {
+        AxisKind::Lora | AxisKind::Model | AxisKind::Embedding | AxisKind::Hypernetwork => {
             let mut out = Vec::new();
             for it in &items {
-                if kind == AxisKind::Lora && it.eq_ignore_ascii_case("none") {
+                if kind != AxisKind::Model && it.eq_ignore_ascii_case("none") {
                     out.push(Value::File(None));
                 } else {
                     out.extend(
@@ -517,6 +528,17 @@ mod tests {
             labels,
             ["lora: none", "lora: ron-000001", "lora: ron-000002"]
         );
+        let a = parse_axis(&format!("hn=none,{}/ron-000001.*", d.path().display())).unwrap();
+        assert_eq!(a.kind, AxisKind::Hypernetwork);
+        assert_eq!(a.label(0), "hypernetwork: none");
+        assert_eq!(a.label(1), "hypernetwork: ron-000001");
+        let a = parse_axis(&format!("TI=None,{}/x.*", d.path().display())).unwrap();
+        assert_eq!(a.kind, AxisKind::Embedding);
+        assert_eq!(a.values[0], Value::File(None));
+        assert_eq!(a.label(1), "embedding: x");
+        // a model axis has no `none`: it is a file name there
+        let a = parse_axis("model=none").unwrap();
+        assert_eq!(a.values[0], Value::File(Some("none".into())));
         let e = parse_axis(&format!("lora={}/nope-*", d.path().display())).unwrap_err();
         assert!(e.contains("matches no file"), "{e}");
         assert!(wildcard("a?c*", "abcdef"));

@@ -1,14 +1,19 @@
 //! Renders cells on one loaded model: a checkpoint is loaded when a cell needs another
 //! one, a LoRA is merged into the weights and taken out again by restoring the remembered
-//! weights (exact), and the guidance conditioning of a prompt pair is computed once per
-//! text-encoder state.
+//! weights (exact), embeddings are given to the text encoder and hypernetworks hooked into
+//! the UNet's attention and taken off again (no reload), and the guidance conditioning of
+//! a prompt pair is computed once per text-encoder state.
 
+use super::facts;
 use super::plan::Settings;
+use crate::adapters::embedding::{self, DirEmbeddings, Embedding};
+use crate::adapters::hypernetwork::Hypernetwork;
 use crate::adapters::swap::WeightSnapshot;
-use crate::formats::png_params::{self, GenParams};
 use crate::model::loader::{self, LoadOptions};
 use crate::model::pipeline::{self, Models, Request, SeededNoise};
+use crate::model::placeholders::Placeholders;
 use crate::model::schedule::Prediction;
+use crate::model::tokenizer::ClipTokenizer;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -22,80 +27,8 @@ pub struct EngineOptions {
     pub prediction: Option<Prediction>,
 }
 
-/// What the infotext of a cell needs to know about its files.
-#[derive(Clone, Debug)]
-pub struct FileFacts {
-    /// Checkpoint path -> (webui short hash, name).
-    pub models: HashMap<PathBuf, (Option<String>, String)>,
-    /// LoRA path -> `name: hash12` (webui's `Lora hashes` entry).
-    pub loras: HashMap<PathBuf, String>,
-}
-
-/// Hash every checkpoint and check and hash every LoRA of the cells, before rendering:
-/// a missing, unreadable or non-safetensors file is an error naming it.
-pub fn file_facts<'a>(cells: impl Iterator<Item = &'a Settings>) -> anyhow::Result<FileFacts> {
-    let mut f = FileFacts {
-        models: HashMap::new(),
-        loras: HashMap::new(),
-    };
-    for s in cells {
-        if !f.models.contains_key(&s.model) {
-            let h = png_params::model_hash_and_name(&s.model)
-                .with_context(|| format!("{}: cannot read", s.model.display()))?;
-            f.models.insert(s.model.clone(), h);
-        }
-        if let Some(l) = &s.lora
-            && !f.loras.contains_key(l)
-        {
-            f.loras.insert(l.clone(), lora_hash(l)?);
-        }
-    }
-    Ok(f)
-}
-
-fn lora_hash(path: &Path) -> anyhow::Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    if let Err(e) = safetensors::SafeTensors::read_metadata(&bytes) {
-        bail!("{}: not a safetensors file: {e}", path.display());
-    }
-    let (h, _) = crate::formats::kohya_lora::addnet_hashes(&bytes);
-    Ok(format!("{}: {}", stem(path), &h[..12]))
-}
-
-fn stem(p: &Path) -> String {
-    p.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// webui's infotext of a cell: the prompt carries `<lora:name:weight>` as webui's own
-/// would, and `Lora hashes` names the file.
-pub fn cell_params(s: &Settings, facts: &FileFacts) -> GenParams {
-    let (hash, name) = facts.models.get(&s.model).cloned().unwrap_or_default();
-    let mut prompt = s.prompt.clone();
-    let mut extra = vec![];
-    if let Some(l) = &s.lora {
-        let w = super::axes::fmt_float(s.weight);
-        prompt = format!("{prompt} <lora:{}:{w}>", stem(l));
-        if let Some(h) = facts.loras.get(l) {
-            extra.push(("Lora hashes".to_string(), h.clone()));
-        }
-    }
-    GenParams {
-        prompt,
-        negative: s.negative.clone(),
-        steps: s.steps,
-        sampler: s.sampler.a1111_name().to_string(),
-        cfg_scale: s.cfg,
-        seed: s.seed,
-        width: s.width,
-        height: s.height,
-        model_hash: hash,
-        model: Some(name),
-        clip_skip: s.clip_skip,
-        extra,
-    }
-}
+/// The text encoder's embeddings: (`--embeddings` folder, axis file, its name).
+type TiState = (Option<PathBuf>, Option<PathBuf>, Option<String>);
 
 struct Loaded {
     path: PathBuf,
@@ -103,6 +36,12 @@ struct Loaded {
     snapshot: WeightSnapshot,
     /// The merged adapter and its weight.
     adapter: Option<(PathBuf, f64)>,
+    /// The attached embeddings (all `None` for none).
+    ti: TiState,
+    /// The `--embeddings` folder read for this text encoder's width.
+    dir: Option<(PathBuf, DirEmbeddings)>,
+    /// The hooked hypernetwork and its strength.
+    hn: Option<(PathBuf, f64)>,
 }
 
 /// Counters of the work done (how much loading and encoding the grid saved).
@@ -111,6 +50,10 @@ pub struct Work {
     pub model_loads: usize,
     pub adapter_merges: usize,
     pub prompt_encodes: usize,
+    /// Embedding sets given to the text encoder.
+    pub embedding_attaches: usize,
+    /// Hypernetworks hooked into the UNet (one per file and strength).
+    pub hypernetwork_attaches: usize,
     pub cells: usize,
 }
 
@@ -119,6 +62,10 @@ pub struct Engine {
     opts: EngineOptions,
     loaded: Option<Loaded>,
     contexts: HashMap<String, Tensor>,
+    /// Embedding-axis files, read once.
+    embeddings: HashMap<PathBuf, Embedding>,
+    /// Hypernetworks, read once onto the device.
+    hypernetworks: HashMap<PathBuf, Hypernetwork>,
     pub work: Work,
     /// Files whose keys did not all match the model (told once per file).
     pub warnings: Vec<String>,
@@ -134,6 +81,8 @@ impl Engine {
             opts,
             loaded: None,
             contexts: HashMap::new(),
+            embeddings: HashMap::new(),
+            hypernetworks: HashMap::new(),
             work: Work::default(),
             warnings: Vec::new(),
             warned: Default::default(),
@@ -160,13 +109,23 @@ impl Engine {
                 models,
                 snapshot,
                 adapter: None,
+                ti: (None, None, None),
+                dir: None,
+                hn: None,
             });
         }
         Ok(self.loaded.as_mut().expect("loaded above"))
     }
 
-    /// Load the model of `s` and merge its adapter (or none) at its weight.
+    /// Load the model of `s`, merge its LoRA (or none) at its weight, give the text
+    /// encoder its embeddings and hook its hypernetwork (or none) at its strength.
     pub fn prepare(&mut self, s: &Settings) -> anyhow::Result<()> {
+        self.lora(s)?;
+        self.text_embeddings(s)?;
+        self.hypernetwork(s)
+    }
+
+    fn lora(&mut self, s: &Settings) -> anyhow::Result<()> {
         self.model(&s.model)?;
         let l = self.loaded.as_mut().expect("loaded above");
         let want = s.lora.clone().map(|p| (p, s.weight));
@@ -212,6 +171,84 @@ impl Engine {
         Ok(())
     }
 
+    /// Give the text encoder the `--embeddings` folder's files and the embedding axis'
+    /// file under its name (replacing what it had); a file of the folder that could not
+    /// be read for this model is an error when the cell's prompts call it.
+    fn text_embeddings(&mut self, s: &Settings) -> anyhow::Result<()> {
+        let l = self.loaded.as_mut().expect("loaded by lora()");
+        let width = l.models.clip.config.width;
+        if let Some(d) = &s.embeddings {
+            if l.dir.as_ref().is_none_or(|(p, _)| p != d) {
+                l.dir = Some((d.clone(), embedding::scan_dir(d, Some(width), &[])?));
+            }
+            let (_, found) = l.dir.as_ref().expect("read above");
+            let tok = ClipTokenizer::shared();
+            for e in &found.skipped {
+                let name = facts::stem(&e.file);
+                if [&s.prompt, &s.negative]
+                    .iter()
+                    .any(|p| Placeholders::mentions(tok, p, &name))
+                {
+                    bail!("{e}");
+                }
+            }
+        }
+        let want: TiState = (
+            s.embeddings.clone(),
+            s.embedding.clone(),
+            s.embedding.as_ref().and(s.embedding_name.clone()),
+        );
+        if l.ti == want {
+            return Ok(());
+        }
+        let axis = match (&s.embedding, &s.embedding_name) {
+            (Some(f), Some(name)) => {
+                if !self.embeddings.contains_key(f) {
+                    self.embeddings.insert(f.clone(), Embedding::load(f)?);
+                }
+                Some((&self.embeddings[f], name.as_str()))
+            }
+            _ => None,
+        };
+        let dir = match (&s.embeddings, &l.dir) {
+            (Some(_), Some((_, found))) => found.embeddings.as_slice(),
+            _ => &[],
+        };
+        let list = facts::cell_embeddings(dir, axis, s.embedding_name.as_deref());
+        embedding::attach(&mut l.models.clip, &list)?;
+        l.ti = want;
+        self.work.embedding_attaches += 1;
+        Ok(())
+    }
+
+    /// Hook the hypernetwork of `s` into the UNet at its strength (taking off the one
+    /// there was), or none.
+    fn hypernetwork(&mut self, s: &Settings) -> anyhow::Result<()> {
+        let l = self.loaded.as_mut().expect("loaded by lora()");
+        let want = s.hypernetwork.clone().map(|f| (f, s.strength));
+        if l.hn == want {
+            return Ok(());
+        }
+        if let Some((f, _)) = l.hn.take()
+            && let Some(h) = self.hypernetworks.get(&f)
+        {
+            h.detach(&mut l.models.unet);
+        }
+        if let Some((f, strength)) = &want {
+            if !self.hypernetworks.contains_key(f) {
+                let h = Hypernetwork::load(f, &self.opts.device).map_err(anyhow::Error::msg)?;
+                self.hypernetworks.insert(f.clone(), h);
+            }
+            let h = &self.hypernetworks[f];
+            h.fits(&l.models.unet.config, f)
+                .map_err(anyhow::Error::msg)?;
+            h.attach(&mut l.models.unet, *strength);
+            self.work.hypernetwork_attaches += 1;
+        }
+        l.hn = want;
+        Ok(())
+    }
+
     /// Time one guided UNet step and one VAE decode at the size of `s` (seconds), for an
     /// estimate; the model is loaded first.
     pub fn time_step(&mut self, s: &Settings) -> anyhow::Result<(f64, f64)> {
@@ -244,7 +281,8 @@ impl Engine {
             clip_skip: s.clip_skip,
         };
         let l = self.loaded.as_ref().expect("prepared");
-        let key = serde_json::to_string(&(&l.adapter, &s.prompt, &s.negative, s.clip_skip))?;
+        // The hypernetwork acts in the UNet: the conditioning does not depend on it.
+        let key = serde_json::to_string(&(&l.adapter, &l.ti, &s.prompt, &s.negative, s.clip_skip))?;
         let ctx = match self.contexts.get(&key) {
             Some(c) => c.clone(),
             None => {

@@ -1,5 +1,5 @@
-//! `sdkit grid`: render the cells of an X/Y/Z plot (adapter files, weights, prompt S/R,
-//! cfg, steps, sampler, seed, clip skip, checkpoints) with one loaded model, write each
+//! `sdkit grid`: render the cells of an X/Y/Z plot (LoRA, embedding and hypernetwork
+//! files, weights, prompt S/R, cfg, steps, sampler, seed, clip skip, checkpoints) with one loaded model, write each
 //! cell as a PNG carrying webui's `parameters`, one labelled grid image per Z value, and
 //! an index (`grid.json`, `index.html`).
 //!
@@ -10,12 +10,14 @@
 
 pub mod axes;
 pub mod engine;
+pub mod facts;
 pub mod index;
 pub mod plan;
 pub mod render;
 
 use anyhow::Context;
-use engine::{Engine, EngineOptions, FileFacts, Work};
+use engine::{Engine, EngineOptions, Work};
+use facts::FileFacts;
 use index::{AxisEntry, CellEntry, GridEntry, Index};
 use plan::Plan;
 use std::path::{Path, PathBuf};
@@ -57,7 +59,7 @@ fn grid_name(z: usize, nz: usize) -> String {
 /// Files, infotexts and hashes of every cell, and whether each is already rendered.
 /// Reads (and so checks) every file the cells use first.
 pub fn cell_files(job: &Job) -> anyhow::Result<(FileFacts, Vec<CellFile>)> {
-    let facts = engine::file_facts(job.plan.cells.iter().map(|c| &c.settings))?;
+    let facts = facts::file_facts(job.plan.cells.iter().map(|c| &c.settings))?;
     let e = &job.engine;
     let device = if e.device.is_cuda() { "cuda" } else { "cpu" };
     let files = job
@@ -65,10 +67,11 @@ pub fn cell_files(job: &Job) -> anyhow::Result<(FileFacts, Vec<CellFile>)> {
         .cells
         .iter()
         .map(|c| {
-            let parameters = engine::cell_params(&c.settings, &facts).to_infotext();
+            let parameters = facts::cell_params(&c.settings, &facts).to_infotext();
+            let files = facts::file_key(&c.settings, &facts);
             let key = blake3::hash(
                 format!(
-                    "{parameters}\n{:?}\n{device}\n{:?}\nsdkit grid 1",
+                    "{parameters}\n{files}\n{:?}\n{device}\n{:?}\nsdkit grid 1",
                     e.dtype, e.prediction
                 )
                 .as_bytes(),
@@ -135,6 +138,7 @@ pub fn estimate(job: &Job, files: &[CellFile]) -> anyhow::Result<Estimate> {
     let mut engine = Engine::new(job.engine.clone());
     let mut base = first.settings.clone();
     base.lora = None;
+    base.hypernetwork = None;
     let t = std::time::Instant::now();
     engine.prepare(&base)?;
     est.load_seconds = t.elapsed().as_secs_f64();

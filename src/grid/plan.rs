@@ -12,7 +12,19 @@ pub struct Settings {
     pub model: PathBuf,
     /// The LoRA / LoCon file; `None` = no adapter (the reference).
     pub lora: Option<PathBuf>,
+    /// The LoRA's weight.
     pub weight: f64,
+    /// The textual-inversion file of an embedding axis; `None` = the reference without it.
+    pub embedding: Option<PathBuf>,
+    /// The word the prompt calls the embedding axis' files by: each is attached under it
+    /// (set with an embedding axis).
+    pub embedding_name: Option<String>,
+    /// A folder of embeddings for every cell (webui's `embeddings/`).
+    pub embeddings: Option<PathBuf>,
+    /// The webui hypernetwork `.pt`; `None` = none.
+    pub hypernetwork: Option<PathBuf>,
+    /// The hypernetwork's strength (webui's `<hypernet:name:STRENGTH>`).
+    pub strength: f64,
     pub prompt: String,
     pub negative: String,
     pub steps: usize,
@@ -22,6 +34,49 @@ pub struct Settings {
     pub clip_skip: usize,
     pub width: usize,
     pub height: usize,
+}
+
+/// Which adapter a weight axis varies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightOf {
+    Lora,
+    Hypernetwork,
+}
+
+/// The adapter a weight axis varies: the one on an axis (a lora axis first), else the
+/// fixed one (`--lora` first); `None` without an adapter.
+pub fn weight_of(axes: &[&Axis], base: &Settings) -> Option<WeightOf> {
+    let has = |k: AxisKind| axes.iter().any(|a| a.kind == k);
+    if has(AxisKind::Lora) {
+        Some(WeightOf::Lora)
+    } else if has(AxisKind::Hypernetwork) {
+        Some(WeightOf::Hypernetwork)
+    } else if base.lora.is_some() {
+        Some(WeightOf::Lora)
+    } else if base.hypernetwork.is_some() {
+        Some(WeightOf::Hypernetwork)
+    } else {
+        None
+    }
+}
+
+/// The word an embedding file is called by when `--embedding-name` is not given: its file
+/// stem without the suffix of a periodic save (`mycat-000004`, `mycat-step00000100` ->
+/// `mycat`).
+pub fn default_embedding_name(file: &std::path::Path) -> String {
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Some((head, tail)) = stem.rsplit_once('-') {
+        let digits = |t: &str, n: usize| t.len() == n && t.bytes().all(|b| b.is_ascii_digit());
+        let periodic = digits(tail, 6) || tail.strip_prefix("step").is_some_and(|t| digits(t, 8));
+        if periodic && !head.is_empty() {
+            return head.to_string();
+        }
+    }
+    stem
 }
 
 /// One cell: its position and settings.
@@ -59,22 +114,40 @@ impl Plan {
         &self.cells[(z * ny + y) * nx + x]
     }
 
-    /// Cell indices in render order: grouped by model, then adapter and weight, then
-    /// prompt, so each checkpoint loads once and each adapter is merged once per model.
+    /// Cell indices in render order: grouped by model, then LoRA, embedding and prompt
+    /// (what the conditioning depends on), then weight and hypernetwork, so each
+    /// checkpoint loads once and each adapter is merged once per model and prompt.
     pub fn render_order(&self) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.cells.len()).collect();
         order.sort_by(|&a, &b| {
             let (a, b) = (&self.cells[a].settings, &self.cells[b].settings);
-            (&a.model, &a.lora, &a.prompt, &a.negative, a.clip_skip)
-                .cmp(&(&b.model, &b.lora, &b.prompt, &b.negative, b.clip_skip))
+            (
+                &a.model,
+                &a.lora,
+                &a.embedding,
+                &a.prompt,
+                &a.negative,
+                a.clip_skip,
+            )
+                .cmp(&(
+                    &b.model,
+                    &b.lora,
+                    &b.embedding,
+                    &b.prompt,
+                    &b.negative,
+                    b.clip_skip,
+                ))
                 .then(a.weight.total_cmp(&b.weight))
+                .then(a.hypernetwork.cmp(&b.hypernetwork))
+                .then(a.strength.total_cmp(&b.strength))
         });
         order
     }
 }
 
 /// Apply the axes to `base`. Errors: the same kind on two axes, a weight axis with no
-/// adapter, a prompt search string missing from the prompts, a file that is not there.
+/// adapter, a prompt search string missing from the prompts, an embedding name the
+/// prompts never use, a file that is not there.
 pub fn build(
     base: &Settings,
     x: Option<Axis>,
@@ -91,9 +164,37 @@ pub fn build(
         }
     }
     let has = |k: AxisKind| axes.iter().any(|a| a.kind == k);
-    if has(AxisKind::Weight) && !has(AxisKind::Lora) && base.lora.is_none() {
-        return Err("a weight axis needs an adapter: a lora axis or --lora FILE".into());
+    let weight = weight_of(&axes, base);
+    if has(AxisKind::Weight) && weight.is_none() {
+        return Err(
+            "a weight axis needs an adapter: a lora or hypernetwork axis, --lora FILE or \
+             --hypernetwork FILE"
+                .into(),
+        );
     }
+    let mut base = base.clone();
+    if let Some(a) = axes.iter().find(|a| a.kind == AxisKind::Embedding) {
+        let Some(first) = a.values.iter().find_map(|v| match v {
+            Value::File(Some(p)) => Some(p),
+            _ => None,
+        }) else {
+            return Err("embedding axis: no file, only `none`".into());
+        };
+        let name = base
+            .embedding_name
+            .get_or_insert_with(|| default_embedding_name(first));
+        let tok = crate::model::tokenizer::ClipTokenizer::shared();
+        if tok.encode(name).is_empty() {
+            return Err(format!(
+                "--embedding-name: `{name}` has no tokens to write in a prompt"
+            ));
+        }
+    } else if let Some(name) = &base.embedding_name {
+        return Err(format!(
+            "--embedding-name {name}: needs an embedding axis (embedding=FILES)"
+        ));
+    }
+    let base = &base;
     if let Some(a) = axes.iter().find(|a| a.kind == AxisKind::Prompt) {
         let Some(Value::Text(search)) = a.values.first() else {
             return Err("prompt axis: no search string".into());
@@ -107,8 +208,14 @@ pub fn build(
             ));
         }
     }
+    if let Some(d) = &base.embeddings
+        && !d.is_dir()
+    {
+        return Err(format!("{}: --embeddings is not a folder", d.display()));
+    }
     let mut files: Vec<&PathBuf> = vec![&base.model];
     files.extend(&base.lora);
+    files.extend(&base.hypernetwork);
     for a in &axes {
         for v in &a.values {
             if let Value::File(Some(p)) = v {
@@ -129,7 +236,7 @@ pub fn build(
                 let mut s = base.clone();
                 for (axis, i) in [(&x, ix), (&y, iy), (&z, iz)] {
                     if let Some(a) = axis {
-                        apply(&mut s, a, i, base);
+                        apply(&mut s, a, i, base, weight);
                     }
                 }
                 cells.push(Cell {
@@ -141,14 +248,33 @@ pub fn build(
             }
         }
     }
+    if let Some(name) = &base.embedding_name {
+        let tok = crate::model::tokenizer::ClipTokenizer::shared();
+        let mentions = |p: &str| crate::model::placeholders::Placeholders::mentions(tok, p, name);
+        let used = cells.iter().any(|c| {
+            c.settings.embedding.is_some()
+                && (mentions(&c.settings.prompt) || mentions(&c.settings.negative))
+        });
+        if !used {
+            return Err(format!(
+                "embedding axis: the prompt never uses `{name}`, the name its files are \
+                 attached under (write it in --prompt, or set --embedding-name)"
+            ));
+        }
+    }
     Ok(Plan { x, y, z, cells })
 }
 
-fn apply(s: &mut Settings, a: &Axis, i: usize, base: &Settings) {
+fn apply(s: &mut Settings, a: &Axis, i: usize, base: &Settings, weight: Option<WeightOf>) {
     match (&a.values[i], a.kind) {
         (Value::File(f), AxisKind::Lora) => s.lora = f.clone(),
+        (Value::File(f), AxisKind::Embedding) => s.embedding = f.clone(),
+        (Value::File(f), AxisKind::Hypernetwork) => s.hypernetwork = f.clone(),
         (Value::File(Some(f)), AxisKind::Model) => s.model = f.clone(),
-        (Value::Float(w), AxisKind::Weight) => s.weight = *w,
+        (Value::Float(w), AxisKind::Weight) => match weight {
+            Some(WeightOf::Hypernetwork) => s.strength = *w,
+            _ => s.weight = *w,
+        },
         (Value::Float(c), AxisKind::Cfg) => s.cfg = *c,
         (Value::Int(n), AxisKind::Steps) => s.steps = *n as usize,
         (Value::Int(n), AxisKind::Seed) => s.seed = *n,
@@ -179,6 +305,11 @@ mod tests {
             model,
             lora: None,
             weight: 1.0,
+            embedding: None,
+            embedding_name: None,
+            embeddings: None,
+            hypernetwork: None,
+            strength: 1.0,
             prompt: "a red car".into(),
             negative: "blurry, red".into(),
             steps: 20,
@@ -261,5 +392,52 @@ mod tests {
             .collect();
         let changes = loras.windows(2).filter(|w| w[0] != w[1]).count();
         assert_eq!(changes, 2, "{loras:?}");
+    }
+
+    #[test]
+    fn embedding_names_and_weight_targets() {
+        let p = std::path::Path::new;
+        assert_eq!(
+            default_embedding_name(p("ti/mycat-000004.safetensors")),
+            "mycat"
+        );
+        assert_eq!(default_embedding_name(p("mycat-step00000100.pt")), "mycat");
+        assert_eq!(default_embedding_name(p("my-cat.safetensors")), "my-cat");
+        assert_eq!(default_embedding_name(p("mycat-0004.pt")), "mycat-0004");
+        let d = tempfile::tempdir().unwrap();
+        let b = base(d.path());
+        let files: Vec<std::path::PathBuf> = ["car-000001.pt", "car-000002.pt", "hn.pt"]
+            .iter()
+            .map(|n| {
+                let f = d.path().join(n);
+                std::fs::write(&f, b"").unwrap();
+                f
+            })
+            .collect();
+        let ax = |s: String| Some(parse_axis(&s).unwrap());
+        let emb = format!("embedding=none,{}/car-*.pt", d.path().display());
+        let plan = build(&b, ax(emb.clone()), None, None).unwrap();
+        let c = &plan.cell(1, 0, 0).settings;
+        assert_eq!(c.embedding.as_ref(), Some(&files[0]));
+        assert_eq!(c.embedding_name.as_deref(), Some("car"));
+        assert_eq!(plan.cell(0, 0, 0).settings.embedding, None);
+        let mut b2 = b.clone();
+        b2.embedding_name = Some("truck".into());
+        let e = build(&b2, ax(emb), None, None).unwrap_err();
+        assert!(e.contains("never uses `truck`"), "{e}");
+        let e = build(&b2, None, None, None).unwrap_err();
+        assert!(e.contains("needs an embedding axis"), "{e}");
+        // a weight axis varies the hypernetwork's strength when it is the adapter on an
+        // axis, the LoRA's weight otherwise
+        let hn = format!("hypernetwork=none,{}", files[2].display());
+        let plan = build(&b, ax(hn), ax("weight=0.25".into()), None).unwrap();
+        let c = &plan.cell(1, 0, 0).settings;
+        assert_eq!((c.strength, c.weight), (0.25, 1.0));
+        let mut b3 = b.clone();
+        b3.lora = Some(files[2].clone());
+        b3.hypernetwork = Some(files[2].clone());
+        let plan = build(&b3, ax("weight=0.25".into()), None, None).unwrap();
+        let c = &plan.cell(0, 0, 0).settings;
+        assert_eq!((c.strength, c.weight), (1.0, 0.25));
     }
 }

@@ -41,6 +41,20 @@ pub fn default_widths(cfg: &UNetConfig) -> Vec<usize> {
     w
 }
 
+/// webui's infotext pairs for a hypernetwork: `Hypernet` (the file stem), `Hypernet hash`
+/// (the short SHA-256 of the file) and `Hypernet strength` (only when not 1, as Python
+/// prints a float: `0.6`, `2.0`).
+pub fn infotext(name: &str, hash: &str, strength: f64) -> Vec<(String, String)> {
+    let mut v = vec![
+        ("Hypernet".to_string(), name.to_string()),
+        ("Hypernet hash".to_string(), hash.to_string()),
+    ];
+    if strength != 1.0 {
+        v.push(("Hypernet strength".to_string(), format!("{strength:?}")));
+    }
+    v
+}
+
 /// A hypernetwork: its shape, its modules by context width, and the file facts webui
 /// keeps (name, step, checkpoint).
 #[derive(Clone, Debug)]
@@ -161,6 +175,26 @@ impl Hypernetwork {
         let f =
             |m: Arc<HnModule>| -> ContextFn { Arc::new(move |x: &Tensor| m.forward(x, strength)) };
         (f(k), f(v))
+    }
+
+    /// The widths of this network that a UNet of `cfg` has attention contexts of; an
+    /// error (naming `file`) when there is none: the network was made for another model.
+    pub fn fits(
+        &self,
+        cfg: &UNetConfig,
+        file: &std::path::Path,
+    ) -> std::result::Result<Vec<usize>, String> {
+        let have = default_widths(cfg);
+        let mine: Vec<usize> = self.modules.iter().map(|(w, _)| *w).collect();
+        let widths: Vec<usize> = mine.iter().copied().filter(|w| have.contains(w)).collect();
+        if widths.is_empty() {
+            return Err(format!(
+                "{}: no context width of this hypernetwork ({mine:?}) is one of this model's \
+                 ({have:?}): made for another model",
+                file.display()
+            ));
+        }
+        Ok(widths)
     }
 
     /// Register the transforms in `unet` (replacing any for the same widths). Widths

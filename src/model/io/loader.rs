@@ -108,6 +108,42 @@ pub fn open(path: &Path, opts: &LoadOptions) -> Result<Checkpoint> {
     from_tensors(path, tensors, format, opts)
 }
 
+/// The text encoder's width (768 SD 1.x, 1024 SD 2.x) from a folder's config or a single
+/// file's tensor headers, without loading any weights; `None` when it cannot be told that
+/// way (loading checks it anyway).
+pub fn text_width(path: &Path) -> Option<usize> {
+    if path.is_dir() {
+        let cfg = read_json(&path.join("text_encoder/config.json")).ok()?;
+        return cfg["hidden_size"].as_u64().map(|w| w as usize);
+    }
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    let shapes: Vec<(String, Vec<usize>)> = match ext.as_str() {
+        "safetensors" => crate::formats::safetensors::shapes(path).ok()?,
+        "ckpt" | "pt" | "pth" | "bin" => {
+            let infos = |key| {
+                candle_core::pickle::PthTensors::new(path, key)
+                    .ok()
+                    .map(|t| t.tensor_infos().clone())
+                    .filter(|t| !t.is_empty())
+            };
+            infos(Some("state_dict"))
+                .or_else(|| infos(None))?
+                .into_iter()
+                .map(|(k, i)| (k, i.layout.shape().dims().to_vec()))
+                .collect()
+        }
+        _ => return None,
+    };
+    shapes
+        .into_iter()
+        .find(|(k, s)| {
+            (k.starts_with(LDM_CLIP_SD1) || k.starts_with(LDM_CLIP_SD2))
+                && k.ends_with("token_embedding.weight")
+                && s.len() == 2
+        })
+        .map(|(_, s)| s[1])
+}
+
 fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     crate::formats::safetensors::read_all(path).map_err(|e| fail(path, e))
 }
