@@ -13,7 +13,8 @@ source ../shared/scripts/refenv.sh && $REFPY scripts/check_sd_checkpoint.py ...)
 2. --folder (the `--save-diffusers` folder): `StableDiffusionPipeline.from_pretrained`
    loads it offline (tokenizer included; the tokenizer's ids equal CLIP's), and every
    UNet / VAE / text-encoder tensor equals the single file's.
-3. The UNet and text-encoder outputs of both on fixed inputs are equal; with --same-as
+3. The UNet and text-encoder outputs of both on fixed inputs are equal (the UNet's up to
+   float reassociation between diffusers' two module builds); with --same-as
    (a run that trained nothing, or a plain round trip), so are the tensors of that folder.
 Prints one line per check; exits non-zero on the first failure.
 """
@@ -85,10 +86,15 @@ def main():
         same(pipe.text_encoder, te, "folder text encoder = single file text encoder")
         ctx2, out2 = outputs(pipe.unet.float().eval(), pipe.text_encoder.float().eval(),
                              unet.config)
-        d = max((ctx - ctx2).abs().max().item(), (out - out2).abs().max().item())
-        if d != 0.0:
-            sys.exit(f"FAIL outputs differ by {d}")
-        print("ok   UNet and text-encoder outputs of folder and single file are equal")
+        # Equal tensors, but diffusers' two loaders build modules whose float order differs
+        # (the folder's weights loaded into the single-file module give the same 2e-6 on
+        # the tiny model): equal up to float reassociation, not bit for bit.
+        dc = (ctx - ctx2).abs().max().item()
+        du = (out - out2).abs().max().item()
+        tol = 1e-5 * max(1.0, out.abs().max().item())
+        if dc != 0.0 or du > tol:
+            sys.exit(f"FAIL outputs differ: text encoder by {dc}, UNet by {du} (tolerance {tol:.1e})")
+        print(f"ok   folder and single file: text-encoder outputs equal, UNet outputs within {du:.1e}")
     if a.same_as:
         ref = StableDiffusionPipeline.from_pretrained(a.same_as, local_files_only=True,
                                                       safety_checker=None, requires_safety_checker=False)

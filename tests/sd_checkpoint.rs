@@ -226,3 +226,65 @@ fn written_checkpoints_load_back_unchanged() {
         assert_eq!(d, 0.0, "{k}");
     }
 }
+
+/// A Python with torch and diffusers (`$REFPY` from ../shared/scripts/refenv.sh, or
+/// python3 if it has them).
+fn python_with_diffusers() -> Option<String> {
+    let py = common::python_with_torch()?;
+    std::process::Command::new(&py)
+        .args(["-c", "import diffusers, transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+        .then_some(py)
+}
+
+/// diffusers reads what sdkit writes (scripts/check_sd_checkpoint.py): the single file
+/// through its single-file loaders with the model's LDM config, the folder through
+/// `StableDiffusionPipeline.from_pretrained` offline; both hold exactly the source model's
+/// tensors and give the same outputs. Runs where a Python with diffusers exists.
+#[test]
+fn written_checkpoints_load_in_diffusers() {
+    let Some(py) = python_with_diffusers() else {
+        eprintln!("skipped the diffusers check: no Python with torch and diffusers ($REFPY)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_sd_checkpoint.py");
+    for family in ["sd1", "sd2"] {
+        let base = common::checkpoints().join(format!("{family}_diffusers"));
+        let ck = open(&base);
+        let t = tensors_of(&ck);
+        let file = dir.path().join(format!("{family}.safetensors"));
+        sd_checkpoint::write_single_file(&file, &ck.info, &t, DType::F32, &BTreeMap::new())
+            .unwrap();
+        let folder = dir.path().join(format!("{family}-diffusers"));
+        sd_checkpoint::write_diffusers(&folder, &ck.info, &t, DType::F32).unwrap();
+        let yaml = common::checkpoints().join(format!("{family}.yaml"));
+        let out = std::process::Command::new(&py)
+            .arg(&script)
+            .arg("--file")
+            .arg(&file)
+            .arg("--yaml")
+            .arg(&yaml)
+            .arg("--base")
+            .arg(&base)
+            .arg("--folder")
+            .arg(&folder)
+            .arg("--same-as")
+            .arg(&base)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{family}: diffusers did not load the files as expected:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            stdout.matches("\nok ").count() + 1,
+            9,
+            "{family}:\n{stdout}"
+        );
+    }
+}
