@@ -45,7 +45,7 @@ impl std::fmt::Display for Size {
     }
 }
 
-/// How sources are sized. Every output side is a multiple of 64.
+/// How sources are sized. Every output side is a multiple of 64 (of the bucket step for buckets).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sizing {
     /// kohya aspect-ratio buckets.
