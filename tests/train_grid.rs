@@ -20,8 +20,13 @@ fn s(p: &Path) -> String {
 
 /// One 64x64 image, `10_ohwx`, "ohwx, red" (ten steps an epoch at batch 1).
 fn one_image_set() -> tempfile::TempDir {
+    image_set(10)
+}
+
+/// One 64x64 image repeated `repeats` times an epoch, "ohwx, red".
+fn image_set(repeats: usize) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("10_ohwx");
+    let img = d.path().join(format!("{repeats}_ohwx"));
     std::fs::create_dir_all(&img).unwrap();
     let px = image::RgbImage::from_fn(64, 64, |x, y| {
         image::Rgb([
@@ -436,13 +441,14 @@ fn dreambooth_run_renders_its_checkpoints() {
 /// has exactly those columns.
 #[test]
 fn dry_run_shows_the_grid_the_run_renders() {
-    let d = one_image_set();
+    // Two steps an epoch: step saves at 2 and 4, epoch saves after epochs 1 and 2.
+    let d = image_set(2);
     let out = tempfile::tempdir().unwrap();
     let extra = [
         "--max-train-steps",
-        "25",
+        "5",
         "--save-every-n-steps",
-        "10",
+        "2",
         "--save-every-n-epochs",
         "1",
         "--save-last-n",
@@ -461,7 +467,7 @@ fn dry_run_shows_the_grid_the_run_renders() {
     let g = &plan["grid"];
     let columns = [
         "lora: none",
-        "lora: t-step00000020",
+        "lora: t-step00000004",
         "lora: t-000002",
         "lora: t",
     ];
