@@ -123,14 +123,15 @@ fn parse(o: &TrainOptions, resolution: (u32, u32)) -> Result<Option<Spec>, Strin
         return Err(format!("--grid-cfg {cfg}: not a number"));
     }
     let size = |flag: &str, v: Option<usize>, train: u32| match v {
-        Some(v) if v == 0 || v % 8 != 0 => Err(format!("{flag} {v}: a multiple of 8")),
+        Some(v) if v == 0 || !v.is_multiple_of(8) => Err(format!("{flag} {v}: a multiple of 8")),
         Some(v) => Ok(v),
-        None if train % 8 != 0 => Err(format!(
+        None if !train.is_multiple_of(8) => Err(format!(
             "{flag}: the training resolution {train} (the default) is not a multiple of 8; give {flag}"
         )),
         None => Ok(train as usize),
     };
     Ok(Some(Spec {
+        // The method's columns are set by `spec`.
         columns: Columns::Lora,
         prompt: prompt.clone(),
         negative: o.grid_negative.clone().unwrap_or_default(),
