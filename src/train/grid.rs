@@ -331,3 +331,96 @@ pub fn existing(saved: &[PathBuf]) -> Vec<PathBuf> {
         .cloned()
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        o: TrainOptions,
+    }
+
+    fn opts(extra: &[&str]) -> TrainOptions {
+        let mut args = vec![
+            "x",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--output-name",
+            "n",
+        ];
+        args.extend_from_slice(extra);
+        Cli::parse_from(args).o
+    }
+
+    fn stems(v: Vec<PathBuf>) -> Vec<String> {
+        v.iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn planned_saves_follow_the_loop() {
+        // 4 steps an epoch, 10 steps: epoch saves after epochs 1 and 2 (the run ends
+        // inside epoch 3), step saves at 4 and 8 before the epoch saves there.
+        let o = opts(&["--save-every-n-epochs", "1", "--save-every-n-steps", "4"]);
+        assert_eq!(
+            stems(planned_saves(&o, ".safetensors", 4, 10)),
+            [
+                "n-step00000004.safetensors",
+                "n-000001.safetensors",
+                "n-step00000008.safetensors",
+                "n-000002.safetensors",
+                "n.safetensors"
+            ]
+        );
+        // A save that would fall on the last step is the final save only.
+        let o = opts(&["--save-every-n-epochs", "2"]);
+        assert_eq!(
+            stems(planned_saves(&o, ".pt", 5, 20)),
+            ["n-000002.pt", "n.pt"]
+        );
+        // --save-last-n keeps the newest of each kind.
+        let o = opts(&["--save-every-n-steps", "3", "--save-last-n", "2"]);
+        assert_eq!(
+            stems(planned_saves(&o, ".pt", 100, 10)),
+            ["n-step00000006.pt", "n-step00000009.pt", "n.pt"]
+        );
+        assert_eq!(stems(planned_saves(&opts(&[]), ".pt", 4, 10)), ["n.pt"]);
+    }
+
+    #[test]
+    fn method_checks() {
+        let o = opts(&[
+            "--grid-prompt",
+            "a photo of mycat",
+            "--resolution",
+            "512,768",
+        ]);
+        let s = spec(&o, Columns::Lora, (512, 768)).unwrap().unwrap();
+        assert_eq!(s.weights.as_deref(), Some(&DEFAULT_WEIGHTS[..]));
+        assert_eq!((s.width, s.height, s.steps), (512, 768, 20));
+        let s = spec(&o, Columns::Embedding("mycat".into()), (512, 768))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.weights, None);
+        let e = spec(&o, Columns::Embedding("dog".into()), (512, 768)).unwrap_err();
+        assert!(e.contains("never uses `dog`"), "{e}");
+        let e = spec(&opts(&["--grid-prompt", "x"]), Columns::Lora, (500, 500)).unwrap_err();
+        assert!(
+            e.contains("--grid-width: the training resolution 500"),
+            "{e}"
+        );
+        assert!(
+            spec(&opts(&[]), Columns::Model, (512, 512))
+                .unwrap()
+                .is_none()
+        );
+    }
+}
