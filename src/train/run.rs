@@ -1131,8 +1131,9 @@ fn train<'a>(
     let plan = cx.plan.clone();
     let grid = match cx.grid.take() {
         Some(spec) => {
-            // Free the training state first; an adapter's base model is rendered with
-            // as it is loaded (its adapter taken off), a DreamBooth run's saves load.
+            // Free the training state first. An adapter's grid renders on the base model
+            // already loaded (the adapter taken off); a DreamBooth run's checkpoints load
+            // per column.
             drop((opt, cache, checkpointing));
             let Ctx { models, method, .. } = cx;
             drop(method);
