@@ -7,6 +7,22 @@ use crate::model::nn::walk::LayerMut;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::weights::Param;
 
+/// Takes every adapter off a model in place: the low-rank delta of each Linear / Conv2d
+/// (LoRA / LoCon), the attention context hooks (hypernetworks), the extra token vectors
+/// (textual inversion) and gradient checkpointing. Layer weights are left as they are.
+pub fn bare(unet: &mut UNet2DConditionModel, te: &mut ClipTextModel) -> crate::model::Result<()> {
+    let mut clear = |_: &str, _, l: LayerMut| match l {
+        LayerMut::Linear(l) => l.delta = None,
+        LayerMut::Conv(c) => c.delta = None,
+    };
+    unet.walk_mut(&mut clear);
+    te.walk_mut(&mut clear);
+    unet.hooks.clear();
+    unet.checkpointing = None;
+    let vocab = te.config.vocab;
+    te.set_extra(crate::model::placeholders::Placeholders::new(vocab), None)
+}
+
 /// Every Linear / Conv2d weight of a UNet and text encoder, in walk order.
 pub struct WeightSnapshot {
     unet: Vec<Param>,

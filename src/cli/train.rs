@@ -117,9 +117,42 @@ fn print_plan(p: &Plan) {
     if let Some(n) = p.class_images_to_generate {
         println!("class images to generate first: {n} (not counted above)");
     }
+    if let Some(g) = &p.grid {
+        print_grid(g);
+    }
     for s in p.skipped.iter().take(10) {
         println!("skipped: {s}");
     }
+}
+
+/// The grid `--grid-prompt` renders at the end.
+fn print_grid(g: &crate::train::grid::Preview) {
+    let rows = if g.rows.is_empty() {
+        "1 row".to_string()
+    } else {
+        format!("rows: {}", g.rows.join(", "))
+    };
+    println!(
+        "grid at the end: {} cells into {}; columns: {}; {rows}",
+        g.cells,
+        g.out.display(),
+        g.columns.join(", ")
+    );
+    let negative = if g.negative.is_empty() {
+        String::new()
+    } else {
+        format!(", negative {:?}", g.negative)
+    };
+    println!(
+        "  {:?}{negative}, {}x{}, {} steps, {}, CFG {}, seed {}",
+        g.prompt,
+        g.width,
+        g.height,
+        g.steps,
+        g.sampler,
+        crate::grid::axes::fmt_float(g.cfg),
+        g.seed
+    );
 }
 
 fn exit_for(e: &TrainError) -> i32 {
@@ -210,6 +243,14 @@ fn finish(
                 );
                 for p in &r.saved {
                     println!("saved {}", p.display());
+                }
+                if let Some(g) = &r.grid {
+                    for w in &g.warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    for p in &g.grids {
+                        println!("grid {}", p.display());
+                    }
                 }
             }
             Ok(if r.plan.skipped.is_empty() { 0 } else { 1 })

@@ -117,6 +117,28 @@ impl Engine {
         Ok(self.loaded.as_mut().expect("loaded above"))
     }
 
+    /// Render with `models`, loaded from `path` with this engine's options (e.g. the base
+    /// model a trainer just used), instead of loading it again. Whatever is attached to it
+    /// is taken off first: low-rank deltas, hypernetwork hooks, textual-inversion vectors,
+    /// gradient checkpointing; its layer weights must be the checkpoint's own.
+    pub fn adopt(&mut self, path: &Path, mut models: Models) -> anyhow::Result<()> {
+        self.loaded = None;
+        self.contexts.clear();
+        crate::adapters::swap::bare(&mut models.unet, &mut models.clip)
+            .with_context(|| format!("{}: cannot take the adapters off", path.display()))?;
+        let snapshot = WeightSnapshot::take(&mut models.unet, &mut models.clip);
+        self.loaded = Some(Loaded {
+            path: path.to_path_buf(),
+            models,
+            snapshot,
+            adapter: None,
+            ti: (None, None, None),
+            dir: None,
+            hn: None,
+        });
+        Ok(())
+    }
+
     /// Load the model of `s`, merge its LoRA (or none) at its weight, give the text
     /// encoder its embeddings and hook its hypernetwork (or none) at its strength.
     pub fn prepare(&mut self, s: &Settings) -> anyhow::Result<()> {

@@ -165,6 +165,12 @@ pub struct Outcome {
 
 /// Render the cells that are not done, then the grid images and the index.
 pub fn run(job: &Job) -> anyhow::Result<Outcome> {
+    run_with(job, &mut Engine::new(job.engine.clone()))
+}
+
+/// [`run`] on `engine`, which may already hold a model ([`Engine::adopt`]); its work
+/// counters count this run only when it is new.
+pub fn run_with(job: &Job, engine: &mut Engine) -> anyhow::Result<Outcome> {
     let started = std::time::Instant::now();
     let (_, files) = cell_files(job)?;
     let out = &job.out;
@@ -177,7 +183,6 @@ pub fn run(job: &Job) -> anyhow::Result<Outcome> {
         .filter(|&i| !files[i].done)
         .collect();
     let bar = crate::util::progress::bar(order.len() as u64, "grid", job.hidden);
-    let mut engine = Engine::new(job.engine.clone());
     for &i in &order {
         let cell = &job.plan.cells[i];
         let s = &cell.settings;
@@ -205,7 +210,7 @@ pub fn run(job: &Job) -> anyhow::Result<Outcome> {
         rendered: order.len(),
         kept: files.len() - order.len(),
         work: engine.work,
-        warnings: engine.warnings,
+        warnings: engine.warnings.clone(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -100,6 +100,10 @@ impl Method for DreamBoothMethod<'_> {
         "dreambooth"
     }
 
+    fn grid_columns(&self) -> super::grid::Columns {
+        super::grid::Columns::Model
+    }
+
     fn groups(&self) -> Vec<VarGroup> {
         let vars = |v: &[(String, Var)]| v.iter().map(|(_, v)| v.clone()).collect();
         let mut g = vec![VarGroup {

@@ -36,6 +36,8 @@ pub struct Size {
 pub trait Method {
     /// `lora`, `dreambooth`, `textual_inversion`, `hypernetwork` (recorded in states).
     fn kind(&self) -> &'static str;
+    /// What the columns of the run's `--grid-prompt` grid vary (its saves).
+    fn grid_columns(&self) -> super::grid::Columns;
     /// Output file extension with the dot (`.safetensors`, `.pt`).
     fn extension(&self) -> &'static str {
         ".safetensors"
@@ -70,6 +72,10 @@ pub struct LoraMethod<'a> {
 impl Method for LoraMethod<'_> {
     fn kind(&self) -> &'static str {
         "lora"
+    }
+
+    fn grid_columns(&self) -> super::grid::Columns {
+        super::grid::Columns::Lora
     }
 
     fn groups(&self) -> Vec<VarGroup> {
@@ -145,6 +151,10 @@ impl Method for HypernetworkMethod<'_> {
         "hypernetwork"
     }
 
+    fn grid_columns(&self) -> super::grid::Columns {
+        super::grid::Columns::Hypernetwork
+    }
+
     fn extension(&self) -> &'static str {
         ".pt"
     }
@@ -217,6 +227,10 @@ pub struct EmbeddingMethod<'a> {
 impl Method for EmbeddingMethod<'_> {
     fn kind(&self) -> &'static str {
         "textual_inversion"
+    }
+
+    fn grid_columns(&self) -> super::grid::Columns {
+        super::grid::Columns::Embedding(self.name.clone())
     }
 
     fn extension(&self) -> &'static str {

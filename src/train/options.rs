@@ -205,6 +205,35 @@ pub struct TrainOptions {
     pub sample_every_n_steps: Option<u64>,
     #[arg(long, value_enum, default_value_t = SampleSampler::Ddim)]
     pub sample_sampler: SampleSampler,
+    /// When the run ends, render a grid of its saves with this prompt into OUT/grid/ (the
+    /// files `sdkit grid` writes): columns = none and every save, rows = --grid-weights.
+    #[arg(long)]
+    pub grid_prompt: Option<String>,
+    /// Negative prompt of the grid.
+    #[arg(long)]
+    pub grid_negative: Option<String>,
+    /// Rows: the LoRA's weights or the hypernetwork's strengths (webui ranges allowed)
+    /// [default: 0.4,0.7,1.0]; textual inversion and DreamBooth have one row.
+    #[arg(long, value_name = "WEIGHTS")]
+    pub grid_weights: Option<String>,
+    /// Seed of every grid cell [default: the run's seed].
+    #[arg(long)]
+    pub grid_seed: Option<u64>,
+    /// Sampling steps of each grid cell [default: 20].
+    #[arg(long)]
+    pub grid_steps: Option<usize>,
+    /// Guidance scale of the grid [default: 7].
+    #[arg(long)]
+    pub grid_cfg: Option<f64>,
+    /// Sampler of the grid [default: euler_a].
+    #[arg(long, value_enum)]
+    pub grid_sampler: Option<SampleSampler>,
+    /// Grid cell width [default: the training resolution's].
+    #[arg(long)]
+    pub grid_width: Option<usize>,
+    /// Grid cell height [default: the training resolution's].
+    #[arg(long)]
+    pub grid_height: Option<usize>,
 
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -302,6 +331,7 @@ impl TrainOptions {
                     .into(),
             );
         }
+        super::grid::check(self)?;
         if self.output_name.is_empty() || self.output_name.contains(['/', '\\']) {
             return Err(format!(
                 "--output-name {:?}: a file name without folders",

@@ -81,6 +81,9 @@ pub struct Plan {
     /// counts above until they exist).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class_images_to_generate: Option<usize>,
+    /// The grid `--grid-prompt` renders when the run ends (of the saves planned).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grid: Option<super::grid::Preview>,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,6 +101,8 @@ pub struct Report {
     /// Latent caching rate (images per second), when latents were cached up front.
     pub latent_images_per_second: Option<f64>,
     pub log_dir: Option<PathBuf>,
+    /// The grid of the saves (`--grid-prompt`).
+    pub grid: Option<crate::grid::Outcome>,
 }
 
 fn now_secs() -> u64 {
@@ -140,7 +145,7 @@ fn save_dtype(o: &TrainOptions) -> DType {
     }
 }
 
-fn sampler_kind(s: SampleSampler) -> SamplerKind {
+pub(super) fn sampler_kind(s: SampleSampler) -> SamplerKind {
     match s {
         SampleSampler::Ddim => SamplerKind::Ddim,
         SampleSampler::EulerA => SamplerKind::EulerA,
@@ -250,6 +255,7 @@ struct Ctx<'a> {
     plan: Plan,
     started: u64,
     session_id: u64,
+    grid: Option<super::grid::Spec>,
 }
 
 impl Ctx<'_> {
@@ -394,6 +400,7 @@ fn prepare<'a>(
     let (mut models, vars) = Models::new_with_vars(ck).map_err(input)?;
     let mut init = Rng::stream(seed, Purpose::Init, 0);
     let method = attach(&mut models, Base { vars, frozen }, &mut init, &dev)?;
+    let grid = super::grid::spec(o, method.grid_columns(), (rw, rh)).map_err(input)?;
     let batches = ds.batches_per_epoch(o.batch_size);
     let steps_per_epoch = batches.div_ceil(o.gradient_accumulation_steps);
     let max_steps = match o.max_train_epochs {
@@ -436,6 +443,11 @@ fn prepare<'a>(
         memory_estimate_gb: memory_estimate(&models, size.parameters, state_bytes, &ds, o),
         seed,
         class_images_to_generate: None,
+        grid: grid.as_ref().map(|g| {
+            let saves =
+                super::grid::planned_saves(o, method.extension(), steps_per_epoch, total_steps);
+            super::grid::preview(o, g, &saves, seed)
+        }),
     };
     Ok(Ctx {
         o,
@@ -445,6 +457,7 @@ fn prepare<'a>(
         plan,
         started: now_secs(),
         session_id: seed ^ now_secs(),
+        grid,
     })
 }
 
@@ -1115,8 +1128,22 @@ fn train<'a>(
         .map_err(run_err)?;
     saved.push(final_path.clone());
     ui.finish();
+    let plan = cx.plan.clone();
+    let grid = match cx.grid.take() {
+        Some(spec) => {
+            // Free the training state first. An adapter's grid renders on the base model
+            // already loaded (the adapter taken off); a DreamBooth run's checkpoints load
+            // per column.
+            drop((opt, cache, checkpointing));
+            let Ctx { models, method, .. } = cx;
+            drop(method);
+            let reuse = (spec.columns != super::grid::Columns::Model).then_some(models);
+            Some(render_grid(o, &spec, &saved, seed, reuse, &dev)?)
+        }
+        None => None,
+    };
     Ok(Report {
-        plan: cx.plan.clone(),
+        plan,
         output: Some(final_path),
         saved,
         samples: sample_files,
@@ -1133,7 +1160,37 @@ fn train<'a>(
         },
         latent_images_per_second: latent_rate,
         log_dir,
+        grid,
     })
+}
+
+/// The `--grid-prompt` grid of `saved` (those still there), on `models` when given (the
+/// base model the run loaded) or loading the model of each column.
+fn render_grid(
+    o: &TrainOptions,
+    spec: &super::grid::Spec,
+    saved: &[PathBuf],
+    seed: u64,
+    models: Option<Models>,
+    dev: &Device,
+) -> Result<crate::grid::Outcome, TrainError> {
+    let failed = |e: String| {
+        run_err(format!(
+            "grid: {e} (training finished; the saves are written)"
+        ))
+    };
+    let engine = crate::grid::engine::EngineOptions {
+        dtype: dtype(o.mixed_precision),
+        device: dev.clone(),
+        prediction: o.prediction_override(),
+    };
+    let saves = super::grid::existing(saved);
+    let job = super::grid::job(o, spec, &saves, seed, engine.clone()).map_err(failed)?;
+    let mut e = crate::grid::engine::Engine::new(engine);
+    if let Some(m) = models {
+        e.adopt(&o.model, m).map_err(|x| failed(format!("{x:#}")))?;
+    }
+    crate::grid::run_with(&job, &mut e).map_err(|x| failed(format!("{x:#}")))
 }
 
 /// Save the LoRA at `path`, and with `--save-state` its state folder beside it
