@@ -17,6 +17,13 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: &[u8; 34] = b"dirty_decay_ms:0,muzzy_decay_ms:0\0";
 
 fn main() {
+    // A closed stdout (`sdkit ... --json | head`) ends the process quietly, as for other
+    // Unix tools, instead of a panic in `println!`.
+    #[cfg(unix)]
+    // SAFETY: called first in main, before any thread exists; SIG_DFL is always valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let code = match sdkit::cli::parse().and_then(sdkit::cli::run) {
         Ok(code) => code,
         Err(e) => {
