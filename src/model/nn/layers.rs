@@ -183,11 +183,13 @@ fn frozen(p: &Option<Param>) -> bool {
 }
 
 /// `conv2d(x, w)` (dilation 1, one group) whose backward is right for every input size and
-/// fast: the input gradient through [`conv2d_input_grad`] (candle's own backward takes
-/// the transposed convolution's output padding from the height only, which breaks strided
-/// convolutions of inputs whose height and width differ in parity, and runs a slow direct
-/// loop), the kernel gradient as the correlation of the input with the output gradient
-/// (an im2col GEMM), cut to the kernel size.
+/// fast. Stride 1 on the CPU (f32/f64) runs `conv_cpu`'s tap GEMMs without im2col for the
+/// forward and both gradients. Otherwise: candle's conv2d forward, the input gradient
+/// through [`conv2d_input_grad`] (candle's own backward takes the transposed convolution's
+/// output padding from the height only, which breaks strided convolutions of inputs whose
+/// height and width differ in parity, and runs a slow direct loop), the kernel gradient as
+/// the correlation of the input with the output gradient (an im2col GEMM), cut to the
+/// kernel size.
 pub fn conv2d_trainable(
     x: &Tensor,
     w: &Tensor,
@@ -242,8 +244,9 @@ fn conv2d_kernel_grad(
 /// Gradient of a conv2d (dilation 1) w.r.t. its input of spatial size `(h, w)`.
 ///
 /// Stride 1: a plain convolution of the output gradient with the kernel transposed
-/// (in <-> out) and flipped, padded by `k - 1 - pad`; candle runs that through im2col + GEMM,
-/// several times faster than its direct `conv_transpose2d` loop. Strided: the transposed
+/// (in <-> out) and flipped, padded by `k - 1 - pad`: the tap-GEMM kernel of `conv_cpu` on
+/// the CPU in f32/f64 (the kernel read through strides, no copy), else candle's im2col +
+/// GEMM, several times faster than its direct `conv_transpose2d` loop. Strided: the transposed
 /// convolution, grown by an output padding where the stride dropped input rows or columns
 /// and cut back to the input size (height and width may differ in parity).
 fn conv2d_input_grad(
@@ -254,10 +257,10 @@ fn conv2d_input_grad(
     stride: usize,
 ) -> candle_core::Result<Tensor> {
     let k = w.dim(2)?;
-    if stride == 1 {
-        if let Some(dx) = conv2d_s1_input_grad(g, w, pad)? {
-            return Ok(dx);
-        }
+    if stride == 1
+        && let Some(dx) = conv2d_s1_input_grad(g, w, pad)?
+    {
+        return Ok(dx);
     }
     if stride == 1 && pad < k {
         let wf = if k == 1 {
