@@ -295,12 +295,14 @@ fn with_slice<T: WithDType, R>(
     f(&v[a..b])
 }
 
-/// Whether [`conv2d`] runs the tap-GEMM kernel for these operands (CPU, f32/f64, stride 1
-/// and an output of at least one pixel); otherwise it is candle's `conv2d`.
+/// Whether [`conv2d`] runs the tap-GEMM kernel for these operands (CPU, f32/f64, stride 1,
+/// no empty dimension and an output of at least one pixel); otherwise it is candle's
+/// `conv2d`.
 fn fast(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> candle_core::Result<bool> {
-    let (_, _, h, wd) = x.dims4()?;
-    let k = w.dim(2)?;
+    let (b, c, h, wd) = x.dims4()?;
+    let (o, i, k, _) = w.dims4()?;
     Ok(matches!(x.device(), Device::Cpu)
+        && b * c * o * i * k > 0
         && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
         && x.dtype() == w.dtype()
         && stride == 1
