@@ -5,11 +5,14 @@
 //!   cargo run --release --example bench_unet -- bwd WEIGHTS [N] [SIZE]
 //!   cargo run --release --example bench_unet -- profile WEIGHTS [SIZE]
 //!   cargo run --release --example bench_unet -- gemm [M]
+//!   cargo run --release --example bench_unet -- conv [REPS]
 //!
 //! `fwd` times N forwards, `bwd` N forward+backward passes of sum(out * r) with the weights
 //! frozen (the gradient w.r.t. the latent only; frozen layers compute no weight gradient). `profile` times each top-level block of one forward and a few
 //! single ops at SD1.5's largest sizes. SIZE is the latent side (64 = 512 px). `gemm` times an
-//! f32 M x M x M matmul (candle's GEMM, the `gemm` crate), best of 5.
+//! f32 M x M x M matmul (candle's GEMM, the `gemm` crate), best of 5. `conv` times
+//! SD1.5's convolution shapes: candle's conv2d, sdkit's `Conv2d` forward, and its forward +
+//! input gradient.
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
@@ -66,6 +69,9 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
         bail!("usage: bench_unet fwd|bwd|profile WEIGHTS [N] [SIZE]");
+    }
+    if args.first().map(String::as_str) == Some("conv") {
+        return conv(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3));
     }
     if args.first().map(String::as_str) == Some("gemm") {
         return gemm(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(4096));
@@ -226,6 +232,51 @@ fn profile(model: &UNet2DConditionModel, x: &Tensor, t: &Tensor, ctx: &Tensor) -
         "sgemm 4096^3              {s:7.3} s  {:6.1} GFLOP/s",
         2.0 * 4096f64.powi(3) / s / 1e9
     );
+    Ok(())
+}
+
+/// SD1.5's convolution shapes, f32: candle's `conv2d` against sdkit's `Conv2d` (frozen
+/// weights) forward, and sdkit's forward + input gradient; best of `reps`, interleaved.
+fn conv(reps: usize) -> Result<()> {
+    use sdkit::model::nn::Conv2d;
+    use sdkit::model::weights::Param;
+    // (cin, cout, k, side)
+    let shapes = [
+        (320, 320, 3, 64),
+        (640, 320, 3, 64),
+        (640, 640, 3, 32),
+        (1280, 1280, 3, 16),
+        (1280, 1280, 3, 8),
+        (2560, 1280, 3, 8),
+        (320, 320, 1, 64),
+        (960, 320, 1, 64),
+        (4, 320, 3, 64),
+    ];
+    println!("conv (cin->cout kxk @side): candle fwd | sdkit fwd | sdkit fwd+input grad, s");
+    for (i, &(cin, cout, k, side)) in shapes.iter().enumerate() {
+        let x = randn(&[1, cin, side, side], 20 + i as u64)?;
+        let w = randn(&[cout, cin, k, k], 40 + i as u64)?;
+        let layer = Conv2d {
+            weight: Param::Frozen(w.clone()),
+            bias: None,
+            delta: None,
+            stride: 1,
+            padding: k / 2,
+        };
+        let xv = Var::from_tensor(&x)?;
+        let (mut a, mut b, mut c) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+        for _ in 0..reps {
+            a = a.min(timed(|| Ok(x.conv2d(&w, k / 2, 1, 1, 1)?))?.1);
+            b = b.min(timed(|| Ok(layer.forward(&x)?))?.1);
+            c = c.min(timed(|| Ok(layer.forward(xv.as_tensor())?.sum_all()?.backward()?))?.1);
+        }
+        let gf = 2.0 * (cin * cout * k * k * side * side) as f64 / 1e9;
+        println!(
+            "{cin:5}->{cout:<5} {k}x{k} @{side:<3} {a:7.4} | {b:7.4} | {c:7.4}   ({:.0} / {:.0} GFLOP/s fwd)",
+            gf / a,
+            gf / b
+        );
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! inputs silently get no gradient. Everything here is built from ops whose backward candle
 //! implements (tests in this file prove the gradients flow and match finite differences).
 
+use super::conv_cpu::{conv2d, conv2d_s1_input_grad, conv2d_s1_kernel_grad};
 use super::grad::{input_grad_only, param, scale_shift_frozen};
 use crate::model::Result;
 use crate::model::weights::{Param, Weights};
@@ -182,11 +183,13 @@ fn frozen(p: &Option<Param>) -> bool {
 }
 
 /// `conv2d(x, w)` (dilation 1, one group) whose backward is right for every input size and
-/// fast: the input gradient through [`conv2d_input_grad`] (candle's own backward takes
-/// the transposed convolution's output padding from the height only, which breaks strided
-/// convolutions of inputs whose height and width differ in parity, and runs a slow direct
-/// loop), the kernel gradient as the correlation of the input with the output gradient
-/// (an im2col GEMM), cut to the kernel size.
+/// fast. Stride 1 on the CPU (f32/f64) runs `conv_cpu`'s tap GEMMs without im2col for the
+/// forward and both gradients. Otherwise: candle's conv2d forward, the input gradient
+/// through [`conv2d_input_grad`] (candle's own backward takes the transposed convolution's
+/// output padding from the height only, which breaks strided convolutions of inputs whose
+/// height and width differ in parity, and runs a slow direct loop), the kernel gradient as
+/// the correlation of the input with the output gradient (an im2col GEMM), cut to the
+/// kernel size.
 pub fn conv2d_trainable(
     x: &Tensor,
     w: &Tensor,
@@ -197,26 +200,18 @@ pub fn conv2d_trainable(
     crate::model::grad::with_backward2(
         x,
         w,
-        |x, w| x.conv2d(w, pad, stride, 1, 1),
+        |x, w| conv2d(x, w, pad, stride),
         move |x, w, g, need_x, need_w| {
             let dx = match need_x {
                 true => Some(conv2d_input_grad(g, w, (h, wd), pad, stride)?),
                 false => None,
             };
             let dw = match need_w {
-                true => {
-                    let (_, _, k0, k1) = w.dims4()?;
-                    let gw = x
-                        .transpose(0, 1)?
-                        .conv2d(&g.transpose(0, 1)?.contiguous()?, pad, 1, stride, 1)?
-                        .transpose(0, 1)?;
-                    let gw = if gw.dim(2)? != k0 || gw.dim(3)? != k1 {
-                        gw.narrow(2, 0, k0)?.narrow(3, 0, k1)?
-                    } else {
-                        gw
-                    };
-                    Some(gw.contiguous()?)
-                }
+                true if stride == 1 => match conv2d_s1_kernel_grad(x, g, w, pad)? {
+                    Some(gw) => Some(gw),
+                    None => Some(conv2d_kernel_grad(x, w, g, pad, stride)?),
+                },
+                true => Some(conv2d_kernel_grad(x, w, g, pad, stride)?),
                 false => None,
             };
             Ok((dx, dw))
@@ -224,11 +219,34 @@ pub fn conv2d_trainable(
     )
 }
 
+/// Kernel gradient of a conv2d as the correlation of the input with the output gradient
+/// (candle's im2col conv), cut to the kernel size.
+fn conv2d_kernel_grad(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    pad: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let (_, _, k0, k1) = w.dims4()?;
+    let gw = x
+        .transpose(0, 1)?
+        .conv2d(&g.transpose(0, 1)?.contiguous()?, pad, 1, stride, 1)?
+        .transpose(0, 1)?;
+    let gw = if gw.dim(2)? != k0 || gw.dim(3)? != k1 {
+        gw.narrow(2, 0, k0)?.narrow(3, 0, k1)?
+    } else {
+        gw
+    };
+    gw.contiguous()
+}
+
 /// Gradient of a conv2d (dilation 1) w.r.t. its input of spatial size `(h, w)`.
 ///
 /// Stride 1: a plain convolution of the output gradient with the kernel transposed
-/// (in <-> out) and flipped, padded by `k - 1 - pad`; candle runs that through im2col + GEMM,
-/// several times faster than its direct `conv_transpose2d` loop. Strided: the transposed
+/// (in <-> out) and flipped, padded by `k - 1 - pad`: the tap-GEMM kernel of `conv_cpu` on
+/// the CPU in f32/f64 (the kernel read through strides, no copy), else candle's im2col +
+/// GEMM, several times faster than its direct `conv_transpose2d` loop. Strided: the transposed
 /// convolution, grown by an output padding where the stride dropped input rows or columns
 /// and cut back to the input size (height and width may differ in parity).
 fn conv2d_input_grad(
@@ -239,6 +257,11 @@ fn conv2d_input_grad(
     stride: usize,
 ) -> candle_core::Result<Tensor> {
     let k = w.dim(2)?;
+    if stride == 1
+        && let Some(dx) = conv2d_s1_input_grad(g, w, pad)?
+    {
+        return Ok(dx);
+    }
     if stride == 1 && pad < k {
         let wf = if k == 1 {
             w.transpose(0, 1)?.contiguous()?

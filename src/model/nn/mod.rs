@@ -5,6 +5,7 @@
 pub mod attention;
 mod attention_cpu;
 pub mod checkpoint;
+mod conv_cpu;
 pub mod grad;
 mod layers;
 

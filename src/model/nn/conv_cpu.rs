@@ -1,0 +1,522 @@
+//! Stride-1 convolutions on the CPU as k*k GEMMs over a padded input, without im2col.
+//!
+//! The input is padded once into `[C_in, B, Hp, Wp]` (`Hp = H + 2p`, `Wp = W + 2p`) with
+//! `k - 1` spare zeros at the end of each channel, and each channel viewed as one flat row.
+//! For the tap `(ty, tx)` of the kernel, the window of that row starting at `ty * Wp + tx`
+//! holds, at column `j = b * Hp * Wp + oy * Wp + ox`, exactly the input pixel that tap
+//! multiplies for output `(b, oy, ox)`. So the "wide" output `[C_out, N]` is the sum over
+//! taps of `W_tap [C_out, C_in] @ window [C_in, N]`: k*k plain GEMMs with contiguous rows
+//! (the `gemm` crate, strides instead of copies), where a few columns per row (`ox >= OW`)
+//! and rows between images are garbage and simply not copied out.
+//!
+//! The input gradient of a stride-1 convolution is the same operation with the kernel
+//! transposed (in <-> out) and flipped, padded by `k - 1 - p` (strides of the same buffer,
+//! no copy of the kernel); the kernel gradient is k*k GEMMs of the wide output gradient
+//! (zero in the garbage columns) with the transposed windows.
+
+use candle_core::{Device, Storage, Tensor, WithDType};
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+/// A 4-D kernel seen through strides: element (o, i, ty, tx) is at
+/// `base + o * so + i * si + ty * sy + tx * sx` (strides may be negative: a flip).
+#[derive(Clone, Copy)]
+struct Kernel<'a, T> {
+    data: &'a [T],
+    base: isize,
+    so: isize,
+    si: isize,
+    sy: isize,
+    sx: isize,
+    cout: usize,
+    cin: usize,
+    k: usize,
+}
+
+impl<'a, T> Kernel<'a, T> {
+    /// A contiguous `[cout, cin, k, k]` kernel as stored.
+    fn plain(data: &'a [T], cout: usize, cin: usize, k: usize) -> Self {
+        let kk = (k * k) as isize;
+        Self {
+            data,
+            base: 0,
+            so: cin as isize * kk,
+            si: kk,
+            sy: k as isize,
+            sx: 1,
+            cout,
+            cin,
+            k,
+        }
+    }
+
+    /// The kernel of the input gradient: in and out swapped, both spatial axes flipped.
+    fn transposed_flipped(self) -> Self {
+        let last = (self.k - 1) as isize;
+        Self {
+            base: self.base + last * self.sy + last * self.sx,
+            so: self.si,
+            si: self.so,
+            sy: -self.sy,
+            sx: -self.sx,
+            cout: self.cin,
+            cin: self.cout,
+            ..self
+        }
+    }
+
+    /// Offset of tap (ty, tx) at (o, i) = (0, 0); in bounds for every (o, i) (checked).
+    fn tap(&self, ty: usize, tx: usize) -> usize {
+        let at = |o: usize, i: usize| {
+            self.base
+                + o as isize * self.so
+                + i as isize * self.si
+                + ty as isize * self.sy
+                + tx as isize * self.sx
+        };
+        let (lo, hi) = (at(0, 0), at(self.cout - 1, self.cin - 1));
+        let (c1, c2) = (at(self.cout - 1, 0), at(0, self.cin - 1));
+        let min = lo.min(hi).min(c1).min(c2);
+        let max = lo.max(hi).max(c1).max(c2);
+        assert!(
+            min >= 0 && (max as usize) < self.data.len(),
+            "conv kernel view out of bounds"
+        );
+        lo as usize
+    }
+}
+
+/// Geometry of one padded stride-1 convolution.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    b: usize,
+    h: usize,
+    w: usize,
+    pad: usize,
+    k: usize,
+}
+
+impl Geom {
+    fn hp(&self) -> usize {
+        self.h + 2 * self.pad
+    }
+    fn wp(&self) -> usize {
+        self.w + 2 * self.pad
+    }
+    fn oh(&self) -> usize {
+        self.hp() + 1 - self.k
+    }
+    fn ow(&self) -> usize {
+        self.wp() + 1 - self.k
+    }
+    fn img(&self) -> usize {
+        self.hp() * self.wp()
+    }
+    /// Length of one padded channel row: all images plus the spare the last taps read.
+    fn row(&self) -> usize {
+        self.b * self.img() + self.k - 1
+    }
+    /// Wide output columns: up to the last valid output of the last image.
+    fn n(&self) -> usize {
+        (self.b - 1) * self.img() + self.oh() * self.wp()
+    }
+}
+
+fn parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// `x [B, C, H, W]` (contiguous) padded by `g.pad` into `[C, B, Hp, Wp]` + spare per channel.
+fn pad_input<T: WithDType>(x: &[T], c: usize, g: Geom) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let (row, img, wp, p) = (g.row(), g.img(), g.wp(), g.pad);
+    let mut out = vec![zero; c * row];
+    out.par_chunks_mut(row).enumerate().for_each(|(ci, dst)| {
+        for b in 0..g.b {
+            let src = &x[(b * c + ci) * g.h * g.w..][..g.h * g.w];
+            let dst = &mut dst[b * img..];
+            for y in 0..g.h {
+                dst[(y + p) * wp + p..][..g.w].copy_from_slice(&src[y * g.w..][..g.w]);
+            }
+        }
+    });
+    out
+}
+
+/// Wide `[C, N]` rows back to `[B, C, OH, OW]`.
+fn unwide<T: WithDType>(wide: &[T], c: usize, g: Geom) -> Vec<T> {
+    let (oh, ow, wp, n) = (g.oh(), g.ow(), g.wp(), g.n());
+    let mut out = vec![T::from_f64(0.0); g.b * c * oh * ow];
+    out.par_chunks_mut(oh * ow)
+        .enumerate()
+        .for_each(|(bc, dst)| {
+            let (b, co) = (bc / c, bc % c);
+            let src = &wide[co * n + b * g.img()..];
+            for y in 0..oh {
+                dst[y * ow..][..ow].copy_from_slice(&src[y * wp..][..ow]);
+            }
+        });
+    out
+}
+
+/// The stride-1 convolution of `x [B, Cin, H, W]` with `kern`, padding `pad`:
+/// `[B, Cout, OH, OW]`.
+fn conv_s1<T: WithDType>(
+    x: &[T],
+    (b, h, w): (usize, usize, usize),
+    kern: Kernel<T>,
+    pad: usize,
+) -> Vec<T> {
+    let g = Geom {
+        b,
+        h,
+        w,
+        pad,
+        k: kern.k,
+    };
+    let (cin, cout, n, row) = (kern.cin, kern.cout, g.n(), g.row());
+    let xp = pad_input(x, cin, g);
+    let mut wide = vec![T::from_f64(0.0); cout * n];
+    let (one, par) = (T::from_f64(1.0), parallelism());
+    for ty in 0..g.k {
+        for tx in 0..g.k {
+            let off = ty * g.wp() + tx;
+            let lhs = &kern.data[kern.tap(ty, tx)..];
+            let rhs = &xp[off..];
+            // Last element read: (cin - 1) * row + n - 1 past `off` (Geom::row's spare).
+            assert!((cin - 1) * row + n <= rhs.len());
+            // SAFETY: `tap` checked the kernel view; the assert covers the window; `wide`
+            // is [cout, n] row-major and exclusively borrowed.
+            unsafe {
+                gemm(
+                    cout,
+                    n,
+                    cin,
+                    wide.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    ty + tx > 0,
+                    lhs.as_ptr(),
+                    kern.si,
+                    kern.so,
+                    rhs.as_ptr(),
+                    1,
+                    row as isize,
+                    one,
+                    one,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        }
+    }
+    unwide(&wide, cout, g)
+}
+
+/// Kernel gradient `[Cout, Cin, k, k]` of the stride-1 convolution of `x [B, Cin, H, W]`
+/// (padding `pad`) given the output gradient `dy [B, Cout, OH, OW]`.
+fn conv_s1_kernel_grad<T: WithDType>(
+    x: &[T],
+    dy: &[T],
+    (b, cin, h, w): (usize, usize, usize, usize),
+    (cout, k): (usize, usize),
+    pad: usize,
+) -> Vec<T> {
+    let g = Geom { b, h, w, pad, k };
+    let (n, row, wp, oh, ow) = (g.n(), g.row(), g.wp(), g.oh(), g.ow());
+    let xp = pad_input(x, cin, g);
+    // dy in the wide layout, zero in the garbage columns.
+    let mut wide = vec![T::from_f64(0.0); cout * n];
+    wide.par_chunks_mut(n).enumerate().for_each(|(co, dst)| {
+        for bi in 0..b {
+            let src = &dy[(bi * cout + co) * oh * ow..];
+            for y in 0..oh {
+                dst[bi * g.img() + y * wp..][..ow].copy_from_slice(&src[y * ow..][..ow]);
+            }
+        }
+    });
+    let mut dw = vec![T::from_f64(0.0); cout * cin * k * k];
+    let (one, par) = (T::from_f64(1.0), parallelism());
+    let kk = (k * k) as isize;
+    for ty in 0..k {
+        for tx in 0..k {
+            let rhs = &xp[ty * wp + tx..];
+            assert!((cin - 1) * row + n <= rhs.len());
+            let dst = &mut dw[ty * k + tx..];
+            assert!((cout - 1) * cin * k * k + (cin - 1) * k * k < dst.len());
+            // SAFETY: bounds asserted above; dst (one tap of dw) is exclusively borrowed.
+            unsafe {
+                gemm(
+                    cout,
+                    cin,
+                    n,
+                    dst.as_mut_ptr(),
+                    kk,
+                    cin as isize * kk,
+                    false,
+                    wide.as_ptr(),
+                    1,
+                    n as isize,
+                    rhs.as_ptr(),
+                    row as isize,
+                    1,
+                    one,
+                    one,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        }
+    }
+    dw
+}
+
+/// A contiguous CPU tensor's elements (a copy only where it is not contiguous).
+fn with_slice<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(c) = &*s else {
+        candle_core::bail!("conv: tensor not on the CPU")
+    };
+    let v: &[T] = T::cpu_storage_as_slice(c)?;
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("conv: non-contiguous tensor".into()))?;
+    f(&v[a..b])
+}
+
+/// Whether [`conv2d`] runs the tap-GEMM kernel for these operands (CPU, f32/f64, stride 1,
+/// no empty dimension and an output of at least one pixel); otherwise it is candle's
+/// `conv2d`.
+fn fast(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> candle_core::Result<bool> {
+    let (b, c, h, wd) = x.dims4()?;
+    let (o, i, k, _) = w.dims4()?;
+    Ok(matches!(x.device(), Device::Cpu)
+        && b * c * o * i * k > 0
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && x.dtype() == w.dtype()
+        && stride == 1
+        && w.dim(3)? == k
+        && h + 2 * pad >= k
+        && wd + 2 * pad >= k)
+}
+
+fn run<T: WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    transpose: bool,
+) -> candle_core::Result<Tensor> {
+    let (b, cin_x, h, wd) = x.dims4()?;
+    let (o, i, k, _) = w.dims4()?;
+    let y = with_slice(x, |xs: &[T]| {
+        with_slice(w, |ws: &[T]| {
+            let mut kern = Kernel::plain(ws, o, i, k);
+            if transpose {
+                kern = kern.transposed_flipped();
+            }
+            if kern.cin != cin_x {
+                candle_core::bail!("conv: input has {cin_x} channels, kernel {}", kern.cin)
+            }
+            Ok((conv_s1(xs, (b, h, wd), kern, pad), kern.cout))
+        })
+    })?;
+    let (out, cout) = y;
+    let g = Geom {
+        b,
+        h,
+        w: wd,
+        pad,
+        k,
+    };
+    Tensor::from_vec(out, (b, cout, g.oh(), g.ow()), &Device::Cpu)
+}
+
+/// `x.conv2d(w, pad, stride, 1, 1)`, through the tap-GEMM kernel where it applies.
+pub fn conv2d(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> candle_core::Result<Tensor> {
+    if !fast(x, w, pad, stride)? {
+        return x.conv2d(w, pad, stride, 1, 1);
+    }
+    match x.dtype() {
+        candle_core::DType::F32 => run::<f32>(x, w, pad, false),
+        _ => run::<f64>(x, w, pad, false),
+    }
+}
+
+/// Input gradient of a stride-1 `conv2d(x, w, pad)` (`pad < k`) from the output gradient
+/// `dy`: the convolution of `dy` with `w` transposed and flipped, padded by `k - 1 - pad`.
+/// `None` where the fast kernel does not apply.
+pub fn conv2d_s1_input_grad(
+    dy: &Tensor,
+    w: &Tensor,
+    pad: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    let k = w.dim(2)?;
+    if pad >= k || !fast(dy, w, k - 1 - pad, 1)? {
+        return Ok(None);
+    }
+    let p = k - 1 - pad;
+    Ok(Some(match dy.dtype() {
+        candle_core::DType::F32 => run::<f32>(dy, w, p, true)?,
+        _ => run::<f64>(dy, w, p, true)?,
+    }))
+}
+
+/// Kernel gradient of a stride-1 `conv2d(x, w, pad)` from the output gradient `dy`;
+/// `None` where the fast kernel does not apply.
+pub fn conv2d_s1_kernel_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    w: &Tensor,
+    pad: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    if !fast(x, w, pad, 1)? || dy.dtype() != x.dtype() {
+        return Ok(None);
+    }
+    let (b, cin, h, wd) = x.dims4()?;
+    let (cout, _, k, _) = w.dims4()?;
+    let g = Geom {
+        b,
+        h,
+        w: wd,
+        pad,
+        k,
+    };
+    if dy.dims() != [b, cout, g.oh(), g.ow()] {
+        candle_core::bail!(
+            "conv: output gradient {:?} does not match the output",
+            dy.dims()
+        )
+    }
+    fn go<T: WithDType>(
+        x: &Tensor,
+        dy: &Tensor,
+        dims: (usize, usize, usize, usize),
+        ck: (usize, usize),
+        pad: usize,
+    ) -> candle_core::Result<Tensor> {
+        let dw = with_slice(x, |xs: &[T]| {
+            with_slice(dy, |ds: &[T]| {
+                Ok(conv_s1_kernel_grad(xs, ds, dims, ck, pad))
+            })
+        })?;
+        Tensor::from_vec(dw, (ck.0, dims.1, ck.1, ck.1), &Device::Cpu)
+    }
+    let dims = (b, cin, h, wd);
+    Ok(Some(match x.dtype() {
+        candle_core::DType::F32 => go::<f32>(x, dy, dims, (cout, k), pad)?,
+        _ => go::<f64>(x, dy, dims, (cout, k), pad)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f64 / (1u64 << 24) as f64) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_err(a: &Tensor, b: &Tensor) -> (f64, f64) {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let (a, b) = (a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
+        let m = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let e = a
+            .iter()
+            .zip(&b)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        (e, m)
+    }
+
+    /// (batch, cin, cout, h, w, k, pad): odd and mixed sizes, 1x1, padding 0..k-1 and more,
+    /// a kernel as wide as the padded input (one output column), batch 3.
+    const CASES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
+        (1, 3, 5, 7, 6, 3, 1),
+        (3, 4, 2, 5, 9, 3, 1),
+        (2, 3, 4, 6, 5, 3, 0),
+        (2, 5, 3, 4, 4, 3, 2),
+        (3, 6, 7, 5, 3, 1, 0),
+        (1, 2, 3, 3, 5, 5, 1),
+        (2, 3, 2, 1, 1, 3, 1),
+        (1, 4, 4, 2, 7, 1, 1),
+    ];
+
+    /// Forward, input and kernel gradients equal candle's conv2d and its backward
+    /// (f64: to rounding) and the forward stays within f32 rounding in f32.
+    #[test]
+    fn matches_candle_conv2d_forward_and_gradients() {
+        for (i, &(b, cin, cout, h, w, k, pad)) in CASES.iter().enumerate() {
+            let x = randn(&[b, cin, h, w], 2 * i as u64 + 1);
+            let wt = randn(&[cout, cin, k, k], 2 * i as u64 + 2);
+            let want = x.conv2d(&wt, pad, 1, 1, 1).unwrap();
+            let got = conv2d(&x, &wt, pad, 1).unwrap();
+            let (e, m) = max_err(&got, &want);
+            assert!(e <= 1e-12 * m.max(1.0), "case {i} f64: {e} of {m}");
+            let (x32, w32) = (
+                x.to_dtype(DType::F32).unwrap(),
+                wt.to_dtype(DType::F32).unwrap(),
+            );
+            let (e, m) = max_err(&conv2d(&x32, &w32, pad, 1).unwrap(), &want);
+            assert!(e <= 1e-5 * m.max(1.0), "case {i} f32: {e} of {m}");
+
+            // Gradients of sum(y * r) from candle's own conv backward.
+            let r = randn(want.dims(), 100 + i as u64);
+            let (xv, wv) = (
+                Var::from_tensor(&x).unwrap(),
+                Var::from_tensor(&wt).unwrap(),
+            );
+            let y = xv.as_tensor().conv2d(wv.as_tensor(), pad, 1, 1, 1).unwrap();
+            let gs = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (dx, dw) = (
+                gs.get(xv.as_tensor()).unwrap(),
+                gs.get(wv.as_tensor()).unwrap(),
+            );
+            if pad < k {
+                let ours = conv2d_s1_input_grad(&r, &wt, pad).unwrap().unwrap();
+                let (e, m) = max_err(&ours, dx);
+                assert!(e <= 1e-12 * m.max(1.0), "case {i} dx: {e} of {m}");
+            }
+            let ours = conv2d_s1_kernel_grad(&x, &r, &wt, pad).unwrap().unwrap();
+            let (e, m) = max_err(&ours, dw);
+            assert!(e <= 1e-12 * m.max(1.0), "case {i} dw: {e} of {m}");
+        }
+    }
+
+    /// Where the kernel does not apply it is candle's conv2d; bad shapes are errors.
+    #[test]
+    fn falls_back_and_rejects_mismatched_shapes() {
+        let x = randn(&[1, 3, 6, 6], 1).to_dtype(DType::F32).unwrap();
+        let w = randn(&[4, 3, 3, 3], 2).to_dtype(DType::F32).unwrap();
+        let strided = conv2d(&x, &w, 1, 2).unwrap();
+        let want = x.conv2d(&w, 1, 2, 1, 1).unwrap();
+        assert_eq!(max_err(&strided, &want).0, 0.0);
+        let bad = randn(&[4, 2, 3, 3], 3).to_dtype(DType::F32).unwrap();
+        assert!(conv2d(&x, &bad, 1, 1).is_err());
+        let dy = randn(&[1, 4, 5, 5], 4).to_dtype(DType::F32).unwrap();
+        assert!(conv2d_s1_kernel_grad(&x, &dy, &w, 1).is_err());
+        assert!(conv2d_s1_input_grad(&dy, &w, 3).unwrap().is_none());
+    }
+}
