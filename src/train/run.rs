@@ -191,22 +191,27 @@ pub fn encode_captions(
     Tensor::cat(&parts, 1)
 }
 
-/// Rough peak memory of a step: weights, adapter (f32 weights and gradients, and the
-/// optimizer's `state_bytes`), the run's own overhead, and activations. Calibrated on the
-/// SD1.5 LoRA benchmark (BENCHMARKS.md, 512 px, batch 1, f32, AdamW): peak RSS 11.0 GB,
-/// 5.96 GB with gradient checkpointing, i.e. ~5.7 GB of activations per 64x64 latent image
-/// (~0.7 GB when recomputed), scaled by latent area, batch and element size.
+/// Rough peak memory of a step: weights, trained parameters (an adapter's f32 weights and
+/// gradients; a base weight, already counted, only its gradient) and the optimizer's
+/// `state_bytes`, the run's own overhead, and activations. Calibrated on the SD1.5
+/// benchmarks (BENCHMARKS.md, 512 px, batch 1, f32): LoRA peak RSS 11.0 GB, 5.96 GB with
+/// gradient checkpointing, i.e. ~5.7 GB of activations per 64x64 latent image (~0.7 GB
+/// when recomputed). DreamBooth (Adafactor 14.3 GB, AdamW8bit 14.2 GB measured) comes out at
+/// 16.2 / 16.1 GB: gradients grow while activations are freed, so the sum is an upper bound. Scaled by the UNet's width
+/// (SD1.5's channels sum to 3520), latent area, batch and element size.
 fn memory_estimate(
     models: &Models,
+    base_weights: bool,
     params: usize,
     state_bytes: u64,
     ds: &Dataset,
     o: &TrainOptions,
 ) -> f64 {
     let (batch, dt) = (o.batch_size, dtype(o.mixed_precision));
-    let w = models.info.unet.block_out_channels.iter().sum::<usize>() as f64 / 2880.0;
+    let w = models.info.unet.block_out_channels.iter().sum::<usize>() as f64 / 3520.0;
     let weights_gb = 4.3 * w * dt.size_in_bytes() as f64 / 4.0;
-    let adapter_gb = (params as f64 * 8.0 + state_bytes as f64) / 1e9;
+    let per_param = if base_weights { 4.0 } else { 8.0 };
+    let adapter_gb = (params as f64 * per_param + state_bytes as f64) / 1e9;
     let overhead_gb = 0.9 * w;
     let max_area = ds
         .bucket_counts()
@@ -440,7 +445,14 @@ fn prepare<'a>(
         unet_modules: size.unet_modules,
         text_encoder_modules: size.text_encoder_modules,
         trainable_parameters: size.parameters,
-        memory_estimate_gb: memory_estimate(&models, size.parameters, state_bytes, &ds, o),
+        memory_estimate_gb: memory_estimate(
+            &models,
+            method.kind() == "dreambooth",
+            size.parameters,
+            state_bytes,
+            &ds,
+            o,
+        ),
         seed,
         class_images_to_generate: None,
         grid: grid.as_ref().map(|g| {
