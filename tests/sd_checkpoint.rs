@@ -110,16 +110,7 @@ fn max_diff(a: &Weights, b: &Weights) -> f32 {
         .zip(&kb)
         .map(|((k, x), (_, y))| {
             assert_eq!(x.dims(), y.dims(), "{k}");
-            (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
+            common::max_abs_diff(x, y)
         })
         .fold(0.0, f32::max)
 }
@@ -175,18 +166,7 @@ fn written_checkpoints_load_back_unchanged() {
                 sdkit::formats::safetensors::read_with_metadata(&common::checkpoints().join(src))
                     .unwrap();
             for k in ck.passthrough.keys() {
-                let d = (raw[k].to_dtype(DType::F32).unwrap()
-                    - orig[k].to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-                assert_eq!(d, 0.0, "{k}");
+                assert_eq!(common::max_abs_diff(&raw[k], &orig[k]), 0.0, "{k}");
             }
         }
     }
@@ -213,17 +193,7 @@ fn written_checkpoints_load_back_unchanged() {
             .to_dtype(DType::F32)
             .unwrap();
         let got = back.unet.raw(k).unwrap();
-        let d = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{k}");
+        assert_eq!(common::max_abs_diff(&got, &want), 0.0, "{k}");
     }
 }
 

@@ -615,18 +615,7 @@ fn max_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f32 {
         "different tensors"
     );
     a.iter()
-        .map(|(k, t)| {
-            (t - &b[k])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
+        .map(|(k, t)| common::max_abs_diff(t, &b[k]))
         .fold(0.0, f32::max)
 }
 
@@ -884,16 +873,7 @@ fn textual_inversion_step_rates_and_save_formats() {
             .unwrap()
             .vectors
     };
-    let moved = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let moved = common::max_abs_diff;
     // Adam moves each element by about the rate in its first steps.
     assert!(moved(&init, &vectors[0]) > 0.01, "step 1 did not train");
     assert!(

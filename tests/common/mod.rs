@@ -56,6 +56,22 @@ pub fn rel_err(a: &candle_core::Tensor, b: &candle_core::Tensor, floor: f32) -> 
     max(&(&a - &b).unwrap()) / max(&b).max(floor)
 }
 
+/// max |a - b| over two tensors of the same shape, in f32.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    use candle_core::DType;
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Asserts `err < tol` and prints the error and the margin left (`tol / err`), so the
 /// output of a run (`--nocapture`) shows how close each parity check came on this CPU.
 pub fn within(err: f64, tol: f64, what: &str) {
