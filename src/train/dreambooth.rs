@@ -99,6 +99,9 @@ impl Method for DreamBoothMethod<'_> {
     fn kind(&self) -> &'static str {
         "dreambooth"
     }
+    fn trains_base_weights(&self) -> bool {
+        true
+    }
 
     fn grid_columns(&self) -> super::grid::Columns {
         super::grid::Columns::Model

@@ -44,6 +44,11 @@ pub trait Method {
     }
     fn groups(&self) -> Vec<VarGroup>;
     fn size(&self) -> Size;
+    /// Whether the trained tensors are the model's own weights (already in memory once),
+    /// not new adapter tensors beside them: the memory estimate counts them differently.
+    fn trains_base_weights(&self) -> bool {
+        false
+    }
     /// What a resume state must have been trained with (shape of the trainable part).
     fn identity(&self) -> serde_json::Value;
     /// The key of this step's dropout masks (0: off).

@@ -447,7 +447,7 @@ fn prepare<'a>(
         trainable_parameters: size.parameters,
         memory_estimate_gb: memory_estimate(
             &models,
-            method.kind() == "dreambooth",
+            method.trains_base_weights(),
             size.parameters,
             state_bytes,
             &ds,
