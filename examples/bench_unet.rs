@@ -4,11 +4,13 @@
 //!   cargo run --release --example bench_unet -- fwd WEIGHTS [N] [SIZE]
 //!   cargo run --release --example bench_unet -- bwd WEIGHTS [N] [SIZE]
 //!   cargo run --release --example bench_unet -- profile WEIGHTS [SIZE]
+//!   cargo run --release --example bench_unet -- graph WEIGHTS [N] [SIZE]
 //!   cargo run --release --example bench_unet -- gemm [M]
 //!   cargo run --release --example bench_unet -- conv [REPS]
 //!
 //! `fwd` times N forwards, `bwd` N forward+backward passes of sum(out * r) with the weights
-//! frozen (the gradient w.r.t. the latent only; frozen layers compute no weight gradient). `profile` times each top-level block of one forward and a few
+//! frozen (the gradient w.r.t. the latent only; frozen layers compute no weight gradient). `graph` counts the nodes of
+//! one forward's autograd graph and the bytes it holds for the backward. `profile` times each top-level block of one forward and a few
 //! single ops at SD1.5's largest sizes. SIZE is the latent side (64 = 512 px). `gemm` times an
 //! f32 M x M x M matmul (candle's GEMM, the `gemm` crate), best of 5. `conv` times
 //! SD1.5's convolution shapes: candle's conv2d, sdkit's `Conv2d` forward, and its forward +
@@ -57,6 +59,21 @@ fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
         })
         .collect();
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+/// Nodes of the autograd graph behind `t` and the bytes of their distinct storages (what
+/// the graph keeps alive until backward; frozen weights are not nodes).
+fn graph_size(t: &Tensor) -> (usize, usize) {
+    let nodes = t.sorted_nodes();
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0;
+    for n in &nodes {
+        let (s, _) = n.storage_and_layout();
+        if seen.insert(&*s as *const _ as usize) {
+            bytes += n.elem_count() * n.dtype().size_in_bytes();
+        }
+    }
+    (nodes.len(), bytes)
 }
 
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
@@ -118,6 +135,16 @@ fn main() -> Result<()> {
             }
         }
         "profile" => return profile(&model, &x, &t, &ctx),
+        "graph" => {
+            let xv = Var::from_tensor(&x)?;
+            let out = model.forward(xv.as_tensor(), &t, &ctx)?;
+            let (nodes, bytes) = graph_size(&out);
+            println!(
+                "sdkit forward graph: {nodes} nodes, {:.2} GB of tensors held for the backward, latent {size}x{size}",
+                bytes as f64 / 1e9
+            );
+            return Ok(());
+        }
         m => bail!("unknown mode {m}"),
     }
     let best = times.iter().cloned().fold(f64::INFINITY, f64::min);

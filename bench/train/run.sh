@@ -9,6 +9,9 @@
 # GRADIENT_CHECKPOINTING=1: both sides recompute UNet blocks in the backward.
 # METHOD=dreambooth|textual_inversion|hypernetwork (default lora): the other methods, set up
 # as torch_train.py describes; OPTIMIZER=adamw|adafactor|adamw8bit for dreambooth.
+# SDKIT_BIN=path times that sdkit binary (an A/B against a saved build); SKIP_TORCH=1 skips
+# the PyTorch side. Extra sdkit arguments: SDKIT_ARGS (e.g. "--resolution 768
+# --train-batch-size 2"; the PyTorch side takes RESOLUTION and BATCH).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEPS=${1:-3}
@@ -16,13 +19,13 @@ OUT=bench/out/train
 : "${REFPY:?source ../shared/scripts/refenv.sh first}"
 mkdir -p "$OUT"
 PROFILE=${PROFILE:-release}
-cargo build --profile "$PROFILE" --bin sdkit --quiet
 DIR=$PROFILE; [ "$PROFILE" = dev ] && DIR=debug
-BIN=${CARGO_TARGET_DIR:-target}/$DIR/sdkit
+if [ -n "${SDKIT_BIN:-}" ]; then BIN=$SDKIT_BIN
+else cargo build --profile "$PROFILE" --bin sdkit --quiet; BIN=${CARGO_TARGET_DIR:-target}/$DIR/sdkit; fi
 MODEL=$("$REFPY" bench/train/make_model.py "$OUT" 2>/dev/null | tail -1)
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
   "$(free -g | awk '/Mem:/{print $2}') GB RAM; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$REFPY" bench/train/torch_train.py "$MODEL" "$OUT/data" "$STEPS" 2>&1 | grep -v -i warn
+[ "${SKIP_TORCH:-}" = 1 ] || "$REFPY" bench/train/torch_train.py "$MODEL" "$OUT/data" "$STEPS" 2>&1 | grep -v -i warn
 METHOD=${METHOD:-lora}
 OPTIMIZER=${OPTIMIZER:-adamw}
 export METHOD OPTIMIZER
@@ -38,7 +41,7 @@ rm -rf "$OUT/run"
 /usr/bin/time -f "sdkit peak RSS %M KB" "$BIN" train "${ARGS[@]}" --model "$MODEL" --data "$OUT/data" \
   --out "$OUT/run" --output-name bench \
   --max-train-steps "$STEPS" --cache-latents --seed 0 --json --quiet \
-  $([ "${GRADIENT_CHECKPOINTING:-}" = 1 ] && echo --gradient-checkpointing) \
+  $([ "${GRADIENT_CHECKPOINTING:-}" = 1 ] && echo --gradient-checkpointing) ${SDKIT_ARGS:-} \
   > "$OUT/sdkit.json"
 "$REFPY" - "$OUT/sdkit.json" <<'PY'
 import json, sys

@@ -7,6 +7,7 @@
 //! x query blocks, backward over batch-heads (each owns its dk / dv rows).
 //! Layouts are contiguous row-major: q [N, Lq, D], k [N, Lk, D], v [N, Lk, Dv].
 
+use super::fastmath::{exp, sum};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
@@ -115,40 +116,6 @@ fn softmax_rows_any(s: &mut [f32], width: usize, scale: f32) {
         let inv = 1.0 / sum(row);
         row.iter_mut().for_each(|x| *x *= inv);
     }
-}
-
-/// Sum in 8 independent lanes (vectorisable; the order differs from a serial sum only by
-/// rounding).
-#[inline(always)]
-fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v;
-        }
-    }
-    acc.iter().sum::<f32>() + rest
-}
-
-/// `e^x` for softmax arguments (x <= 0 in use), branch-free so loops vectorise: Cody-Waite
-/// range reduction `x = n ln2 + r` and the classic degree-6 polynomial for `e^r` on
-/// |r| <= ln2/2 (about 1 ulp), times `2^n` built in the exponent bits. Inputs below -87
-/// give ~1e-38 instead of 0 (irrelevant next to a row maximum of 1).
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_2e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Probabilities `P = softmax(scale * q_blk k^T)` for `bq` query rows into `p`.
@@ -321,24 +288,5 @@ fn softmax_grad_any(p: &[f32], ds: &mut [f32], width: usize) {
         for (d, &pv) in dr.iter_mut().zip(pr) {
             *d = pv * (*d - delta);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The polynomial exp against the standard library over the softmax range.
-    #[test]
-    fn exp_is_within_two_ulp_of_std() {
-        let mut worst = 0f32;
-        for i in 0..=200_000 {
-            let x = -87.0 + 95.0 * i as f32 / 200_000.0;
-            let (a, b) = (exp(x), x.exp());
-            worst = worst.max((a - b).abs() / b);
-        }
-        assert!(worst < 2.5e-7, "max relative error {worst}");
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1000.0) < 1e-37);
     }
 }

@@ -5,6 +5,7 @@
 //! implements (tests in this file prove the gradients flow and match finite differences).
 
 use super::conv_cpu::{conv2d, conv2d_s1_input_grad, conv2d_s1_kernel_grad};
+use super::fused_cpu;
 use super::grad::{input_grad_only, param, scale_shift_frozen};
 use crate::model::Result;
 use crate::model::weights::{Param, Weights};
@@ -374,6 +375,17 @@ impl GroupNorm {
             self.eps,
         )
     }
+
+    /// `silu(self.forward(x))` in one pass where the fused kernel applies.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm_silu(
+            x,
+            self.groups,
+            &self.weight.value(),
+            &self.bias.value(),
+            self.eps,
+        )
+    }
 }
 
 /// Statistics are computed in f32 at least (f16/bf16 inputs are upcast and cast back).
@@ -387,7 +399,21 @@ fn upcast(x: &Tensor) -> Result<(Tensor, DType)> {
 }
 
 /// Differentiable layer norm over the last dimension (biased variance, like PyTorch).
+/// f32 CPU tensors take the fused kernel (one graph node, hand-written backward).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_cpu::applies(&[x, weight, bias]) {
+        return Ok(fused_cpu::layer_norm(x, weight, bias, eps)?);
+    }
+    layer_norm_composite(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] from candle's ops (any device and dtype).
+pub(crate) fn layer_norm_composite(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let (xf, dt) = upcast(x)?;
     let mean = xf.mean_keepdim(D::Minus1)?;
     let xc = xf.broadcast_sub(&mean)?;
@@ -398,6 +424,44 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// Differentiable group norm for [N, C, ...] input; weight and bias are [C].
 pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    group_norm_act(x, groups, weight, bias, eps, false)
+}
+
+/// `silu(group_norm(x))`, the resnet blocks' pre-activation.
+pub fn group_norm_silu(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    group_norm_act(x, groups, weight, bias, eps, true)
+}
+
+/// f32 CPU tensors take the fused kernel (one graph node, hand-written backward).
+fn group_norm_act(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    if fused_cpu::applies(&[x, weight, bias]) {
+        return Ok(fused_cpu::group_norm(x, groups, weight, bias, eps, silu)?);
+    }
+    let y = group_norm_composite(x, groups, weight, bias, eps)?;
+    Ok(if silu { y.silu()? } else { y })
+}
+
+/// [`group_norm`] from candle's ops (any device and dtype).
+pub(crate) fn group_norm_composite(
     x: &Tensor,
     groups: usize,
     weight: &Tensor,
@@ -436,6 +500,23 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     let s = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
     Ok((x * s)?)
+}
+
+/// diffusers' GEGLU after its projection: `h[.., :d] * gelu(h[.., d:])` for `h` [.., 2d]
+/// (exact erf GELU); f32 CPU tensors take the fused kernel.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    if fused_cpu::applies(&[h]) {
+        return Ok(fused_cpu::geglu(h)?);
+    }
+    geglu_composite(h)
+}
+
+/// [`geglu`] from candle's ops (any device and dtype).
+pub(crate) fn geglu_composite(h: &Tensor) -> Result<Tensor> {
+    let inner = h.dim(D::Minus1)? / 2;
+    let a = h.narrow(D::Minus1, 0, inner)?;
+    let gate = h.narrow(D::Minus1, inner, inner)?;
+    Ok((a * gelu(&gate)?)?)
 }
 
 /// Exact (erf) GELU, as `torch.nn.GELU()`.

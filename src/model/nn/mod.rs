@@ -6,6 +6,8 @@ pub mod attention;
 mod attention_cpu;
 pub mod checkpoint;
 mod conv_cpu;
+mod fastmath;
+mod fused_cpu;
 pub mod grad;
 mod layers;
 

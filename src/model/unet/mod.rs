@@ -199,7 +199,6 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             x = block.forward(&x, &inp, &mut skips)?;
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }

@@ -53,14 +53,14 @@ impl ResnetBlock2D {
 
     /// `temb_act` is `silu(temb)` [B, temb] (computed once for all blocks).
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self
             .time_emb_proj
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = add_frozen(&h, &t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),

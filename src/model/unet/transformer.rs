@@ -4,10 +4,10 @@
 
 use super::super::Result;
 use super::super::attention::attention;
-use super::super::nn::{Conv2d, GroupNorm, LayerNorm, Linear, gelu};
+use super::super::nn::{Conv2d, GroupNorm, LayerNorm, Linear, geglu};
 use super::super::weights::Weights;
 use super::hooks::ContextHooks;
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 
 /// diffusers `Attention` (`to_q`, `to_k`, `to_v` without bias, `to_out.0` with bias).
 #[derive(Clone, Debug)]
@@ -92,11 +92,7 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let inner = h.dim(D::Minus1)? / 2;
-        let a = h.narrow(D::Minus1, 0, inner)?;
-        let gate = h.narrow(D::Minus1, inner, inner)?;
-        self.out.forward(&(a * gelu(&gate)?)?)
+        self.out.forward(&geglu(&self.proj.forward(x)?)?)
     }
 }
 
