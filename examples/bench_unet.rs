@@ -5,11 +5,13 @@
 //!   cargo run --release --example bench_unet -- bwd WEIGHTS [N] [SIZE]
 //!   cargo run --release --example bench_unet -- profile WEIGHTS [SIZE]
 //!   cargo run --release --example bench_unet -- graph WEIGHTS [N] [SIZE]
+//!   cargo run --release --example bench_unet -- lora WEIGHTS [N] [SIZE]
 //!   cargo run --release --example bench_unet -- gemm [M]
 //!   cargo run --release --example bench_unet -- conv [REPS]
 //!
 //! `fwd` times N forwards, `bwd` N forward+backward passes of sum(out * r) with the weights
-//! frozen (the gradient w.r.t. the latent only; frozen layers compute no weight gradient). `graph` counts the nodes of
+//! frozen (the gradient w.r.t. the latent only; frozen layers compute no weight gradient). `lora` attaches kohya's
+//! LoRA (dim 32) and times forward+backward for the LoRA factors' gradient. `graph` counts the nodes of
 //! one forward's autograd graph and the bytes it holds for the backward. `profile` times each top-level block of one forward and a few
 //! single ops at SD1.5's largest sizes. SIZE is the latent side (64 = 512 px). `gemm` times an
 //! f32 M x M x M matmul (candle's GEMM, the `gemm` crate), best of 5. `conv` times
@@ -124,12 +126,55 @@ fn main() -> Result<()> {
             for _ in 0..n {
                 let xv = Var::from_tensor(&x)?;
                 let (g, s) = timed(|| {
-                    let out = model.forward(xv.as_tensor(), &t, &ctx)?;
-                    Ok(mul_frozen(&out, &r)?.sum_all()?.backward()?)
+                    let (out, f) = timed(|| Ok(model.forward(xv.as_tensor(), &t, &ctx)?))?;
+                    let (g, b) = timed(|| Ok(mul_frozen(&out, &r)?.sum_all()?.backward()?))?;
+                    eprintln!("  forward (graph recorded) {f:.2} s, backward {b:.2} s");
+                    Ok(g)
                 })?;
                 anyhow::ensure!(
                     g.get(xv.as_tensor()).is_some(),
                     "no gradient for the latent"
+                );
+                times.push(s);
+            }
+        }
+        "lora" => {
+            // kohya's LoRA (dim 32, alpha 16) on the UNet; the gradient of sum(out * r)
+            // w.r.t. the LoRA factors only (latent untracked), as a LoRA training step.
+            struct Fixed;
+            impl sdkit::adapters::lora::UniformSource for Fixed {
+                fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
+                    (0..n)
+                        .map(|i| bound * ((i % 17) as f32 / 8.0 - 1.0))
+                        .collect()
+                }
+            }
+            let mut model = model;
+            let shape = sdkit::adapters::lora::LoraShape {
+                dim: 32,
+                alpha: 16.0,
+                conv_dim: None,
+                conv_alpha: 1.0,
+                dropout: 0.0,
+            };
+            let net = sdkit::adapters::lora::LoraNetwork::create(
+                Some(&mut model),
+                None,
+                &shape,
+                &mut Fixed,
+                &Device::Cpu,
+            )?;
+            let vars = net.vars(sdkit::adapters::lora::Part::Unet);
+            for _ in 0..n {
+                let (g, s) = timed(|| {
+                    let (out, f) = timed(|| Ok(model.forward(&x, &t, &ctx)?))?;
+                    let (g, b) = timed(|| Ok(mul_frozen(&out, &r)?.sum_all()?.backward()?))?;
+                    eprintln!("  forward (graph recorded) {f:.2} s, backward {b:.2} s");
+                    Ok(g)
+                })?;
+                anyhow::ensure!(
+                    vars.iter().all(|v| g.get(v.as_tensor()).is_some()),
+                    "a LoRA factor got no gradient"
                 );
                 times.push(s);
             }
@@ -150,6 +195,8 @@ fn main() -> Result<()> {
     let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let label = if mode == "fwd" {
         "forward"
+    } else if mode == "lora" {
+        "LoRA dim 32 forward+backward (grad: LoRA factors)"
     } else {
         "forward+backward (grad: latent)"
     };

@@ -14,7 +14,7 @@
 //! no copy of the kernel); the kernel gradient is k*k GEMMs of the wide output gradient
 //! (zero in the garbage columns) with the transposed windows.
 
-use candle_core::{Device, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, Device, Layout, Shape, Storage, Tensor, WithDType};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
@@ -146,8 +146,8 @@ fn pad_input<T: WithDType>(x: &[T], c: usize, g: Geom) -> Vec<T> {
     out
 }
 
-/// Wide `[C, N]` rows back to `[B, C, OH, OW]`.
-fn unwide<T: WithDType>(wide: &[T], c: usize, g: Geom) -> Vec<T> {
+/// Wide `[C, N]` rows back to `[B, C, OH, OW]`, plus `bias[c]` on every channel when given.
+fn unwide<T: WithDType>(wide: &[T], c: usize, g: Geom, bias: Option<&[T]>) -> Vec<T> {
     let (oh, ow, wp, n) = (g.oh(), g.ow(), g.wp(), g.n());
     let mut out = vec![T::from_f64(0.0); g.b * c * oh * ow];
     out.par_chunks_mut(oh * ow)
@@ -156,19 +156,24 @@ fn unwide<T: WithDType>(wide: &[T], c: usize, g: Geom) -> Vec<T> {
             let (b, co) = (bc / c, bc % c);
             let src = &wide[co * n + b * g.img()..];
             for y in 0..oh {
-                dst[y * ow..][..ow].copy_from_slice(&src[y * wp..][..ow]);
+                let (d, s) = (&mut dst[y * ow..][..ow], &src[y * wp..][..ow]);
+                match bias {
+                    Some(bv) => d.iter_mut().zip(s).for_each(|(o, &v)| *o = v + bv[co]),
+                    None => d.copy_from_slice(s),
+                }
             }
         });
     out
 }
 
-/// The stride-1 convolution of `x [B, Cin, H, W]` with `kern`, padding `pad`:
-/// `[B, Cout, OH, OW]`.
+/// The stride-1 convolution of `x [B, Cin, H, W]` with `kern`, padding `pad`, plus `bias`
+/// per output channel when given: `[B, Cout, OH, OW]`.
 fn conv_s1<T: WithDType>(
     x: &[T],
     (b, h, w): (usize, usize, usize),
     kern: Kernel<T>,
     pad: usize,
+    bias: Option<&[T]>,
 ) -> Vec<T> {
     let g = Geom {
         b,
@@ -178,6 +183,9 @@ fn conv_s1<T: WithDType>(
         k: kern.k,
     };
     let (cin, cout, n, row) = (kern.cin, kern.cout, g.n(), g.row());
+    if g.k == 1 && pad == 0 {
+        return conv_1x1(x, b, h * w, kern, bias);
+    }
     let xp = pad_input(x, cin, g);
     let mut wide = vec![T::from_f64(0.0); cout * n];
     let (one, par) = (T::from_f64(1.0), parallelism());
@@ -215,7 +223,60 @@ fn conv_s1<T: WithDType>(
             }
         }
     }
-    unwide(&wide, cout, g)
+    unwide(&wide, cout, g, bias)
+}
+
+/// A 1x1 convolution without padding: per image `W [Cout, Cin] @ x [Cin, HW]` straight
+/// into the output (the kernel through its strides; the bias, when given, as the GEMM's
+/// initial value).
+fn conv_1x1<T: WithDType>(
+    x: &[T],
+    b: usize,
+    hw: usize,
+    kern: Kernel<T>,
+    bias: Option<&[T]>,
+) -> Vec<T> {
+    let (cin, cout) = (kern.cin, kern.cout);
+    let mut out = vec![T::from_f64(0.0); b * cout * hw];
+    if let Some(bv) = bias {
+        out.par_chunks_mut(hw)
+            .enumerate()
+            .for_each(|(r, row)| row.fill(bv[r % cout]));
+    }
+    let lhs = &kern.data[kern.tap(0, 0)..];
+    let (one, par) = (T::from_f64(1.0), parallelism());
+    for bi in 0..b {
+        let (src, dst) = (
+            &x[bi * cin * hw..][..cin * hw],
+            &mut out[bi * cout * hw..][..cout * hw],
+        );
+        // SAFETY: `tap` checked the kernel view; src is [cin, hw] and dst [cout, hw]
+        // row-major, dst exclusively borrowed.
+        unsafe {
+            gemm(
+                cout,
+                hw,
+                cin,
+                dst.as_mut_ptr(),
+                1,
+                hw as isize,
+                bias.is_some(),
+                lhs.as_ptr(),
+                kern.si,
+                kern.so,
+                src.as_ptr(),
+                1,
+                hw as isize,
+                one,
+                one,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+    out
 }
 
 /// Kernel gradient `[Cout, Cin, k, k]` of the stride-1 convolution of `x [B, Cin, H, W]`
@@ -228,6 +289,43 @@ fn conv_s1_kernel_grad<T: WithDType>(
     pad: usize,
 ) -> Vec<T> {
     let g = Geom { b, h, w, pad, k };
+    if k == 1 && pad == 0 {
+        // dW = sum over images of dy [Cout, HW] @ x^T [HW, Cin].
+        let hw = h * w;
+        let mut dw = vec![T::from_f64(0.0); cout * cin];
+        let (one, par) = (T::from_f64(1.0), parallelism());
+        for bi in 0..b {
+            let (xs, ds) = (
+                &x[bi * cin * hw..][..cin * hw],
+                &dy[bi * cout * hw..][..cout * hw],
+            );
+            // SAFETY: xs is [cin, hw], ds [cout, hw], dw [cout, cin], all row-major.
+            unsafe {
+                gemm(
+                    cout,
+                    cin,
+                    hw,
+                    dw.as_mut_ptr(),
+                    1,
+                    cin as isize,
+                    bi > 0,
+                    ds.as_ptr(),
+                    1,
+                    hw as isize,
+                    xs.as_ptr(),
+                    hw as isize,
+                    1,
+                    one,
+                    one,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        }
+        return dw;
+    }
     let (n, row, wp, oh, ow) = (g.n(), g.row(), g.wp(), g.oh(), g.ow());
     let xp = pad_input(x, cin, g);
     // dy in the wide layout, zero in the garbage columns.
@@ -328,7 +426,7 @@ fn run<T: WithDType>(
             if kern.cin != cin_x {
                 candle_core::bail!("conv: input has {cin_x} channels, kernel {}", kern.cin)
             }
-            Ok((conv_s1(xs, (b, h, wd), kern, pad), kern.cout))
+            Ok((conv_s1(xs, (b, h, wd), kern, pad, None), kern.cout))
         })
     })?;
     let (out, cout) = y;
@@ -340,6 +438,72 @@ fn run<T: WithDType>(
         k,
     };
     Tensor::from_vec(out, (b, cout, g.oh(), g.ow()), &Device::Cpu)
+}
+
+/// Whether the tap-GEMM kernel runs `conv2d(x, w, pad, stride)`.
+pub(crate) fn applies(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> bool {
+    fast(x, w, pad, stride).unwrap_or(false)
+}
+
+/// `conv2d(x, w, pad) + bias` for a custom op's forward: the input as the op receives it
+/// (a contiguous CPU storage), the result as a fresh storage, no copy on either side. Only
+/// where [`applies`] said so (stride 1).
+pub(crate) fn conv2d_bias_storage(
+    x: &CpuStorage,
+    l: &Layout,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    pad: usize,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn go<T: WithDType>(
+        x: &CpuStorage,
+        l: &Layout,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        pad: usize,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let (b, cin, h, wd) = l.shape().dims4()?;
+        let (o, i, k, _) = w.dims4()?;
+        if i != cin {
+            candle_core::bail!("conv: input has {cin} channels, kernel {i}")
+        }
+        let (a, e) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("conv: non-contiguous input".into()))?;
+        let xs = &T::cpu_storage_as_slice(x)?[a..e];
+        let bias: Option<Vec<T>> = match bias {
+            Some(bt) => Some(bt.flatten_all()?.to_vec1::<T>()?),
+            None => None,
+        };
+        let out = with_slice(w, |ws: &[T]| {
+            Ok(conv_s1(
+                xs,
+                (b, h, wd),
+                Kernel::plain(ws, o, i, k),
+                pad,
+                bias.as_deref(),
+            ))
+        })?;
+        let g = Geom {
+            b,
+            h,
+            w: wd,
+            pad,
+            k,
+        };
+        Ok((out, Shape::from((b, o, g.oh(), g.ow()))))
+    }
+    Ok(match x {
+        CpuStorage::F32(_) => {
+            let (v, s) = go::<f32>(x, l, w, bias, pad)?;
+            (CpuStorage::F32(v), s)
+        }
+        CpuStorage::F64(_) => {
+            let (v, s) = go::<f64>(x, l, w, bias, pad)?;
+            (CpuStorage::F64(v), s)
+        }
+        _ => candle_core::bail!("conv: the fast kernel takes f32 or f64"),
+    })
 }
 
 /// `x.conv2d(w, pad, stride, 1, 1)`, through the tap-GEMM kernel where it applies.

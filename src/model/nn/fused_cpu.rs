@@ -35,7 +35,7 @@ pub(crate) fn applies(ts: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.elem_count() > 0)
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
     let (a, b) = l
         .contiguous_offsets()
         .ok_or_else(|| err("non-contiguous input"))?;
@@ -46,7 +46,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
 }
 
 /// Runs `f` on the elements of an f32 CPU tensor (made contiguous first).
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
     let t = t.contiguous()?;
     let (s, l) = t.storage_and_layout();
     match &*s {
@@ -490,6 +490,69 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> CResul
             stats: Mutex::new(Vec::new()),
         },
     )
+}
+
+// ---------------------------------------------------------------- frozen linear
+
+/// `x W^T + b` for a custom op's forward (f32): `x` [.., in] as the op receives it, `w`
+/// [out, in], `b` [out]; the result written straight into a fresh storage, the bias as the
+/// GEMM's initial value (no separate add, no hand-over copy).
+pub(crate) fn linear_bias_storage(
+    x: &CpuStorage,
+    l: &Layout,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> CResult<(CpuStorage, Shape)> {
+    let xs = slice(x, l)?;
+    let (out, inp) = w.dims2()?;
+    if l.dims().last() != Some(&inp) {
+        return Err(err("linear: input width and weight disagree"));
+    }
+    let rows = xs.len() / inp;
+    let mut y = vec![0f32; rows * out];
+    if let Some(b) = b {
+        let bv = b.flatten_all()?.to_vec1::<f32>()?;
+        if bv.len() != out {
+            return Err(err("linear: bias length and weight disagree"));
+        }
+        y.par_chunks_mut(out * 64)
+            .for_each(|c| c.chunks_exact_mut(out).for_each(|r| r.copy_from_slice(&bv)));
+    }
+    with_data(w, |ws| {
+        let par = match rayon::current_num_threads() {
+            0 | 1 => gemm::Parallelism::None,
+            n => gemm::Parallelism::Rayon(n),
+        };
+        // SAFETY: x is [rows, inp] and w [out, inp] row-major (lengths checked by the
+        // slices' construction and the dims above); y is [rows, out], exclusively borrowed.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out,
+                inp,
+                y.as_mut_ptr(),
+                1,
+                out as isize,
+                b.is_some(),
+                xs.as_ptr(),
+                1,
+                inp as isize,
+                ws.as_ptr(),
+                inp as isize,
+                1,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        Ok(())
+    })?;
+    let mut dims = l.dims().to_vec();
+    *dims.last_mut().expect("checked") = out;
+    Ok((CpuStorage::F32(y), Shape::from(dims)))
 }
 
 // ---------------------------------------------------------------- GEGLU

@@ -77,6 +77,49 @@ pub fn input_grad_only(
     x.apply_op1(op)
 }
 
+type CpuFwd =
+    Box<dyn FnOnce(&CpuStorage, &Layout) -> candle_core::Result<(CpuStorage, Shape)> + Send>;
+
+/// [`input_grad_only`] for a CPU `x` whose forward writes its result straight into a fresh
+/// storage (`fwd` gets `x`'s contiguous storage): no hand-over copy of the output, and the
+/// same one op whether or not `x` is tracked (untracked: nothing recorded).
+pub fn input_grad_only_cpu(
+    x: &Tensor,
+    fwd: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<(CpuStorage, Shape)> + Send + 'static,
+    bwd: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(ComputedOnCpu {
+        fwd: Mutex::new(Some(Box::new(fwd))),
+        bwd: Box::new(bwd),
+    })
+}
+
+/// The op of [`input_grad_only_cpu`].
+struct ComputedOnCpu {
+    fwd: Mutex<Option<CpuFwd>>,
+    bwd: Bwd,
+}
+
+impl CustomOp1 for ComputedOnCpu {
+    fn name(&self) -> &'static str {
+        "input-grad-only-cpu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let f = self
+            .fwd
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("custom op: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("custom op: forward run twice".into()))?;
+        f(s, l)
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(grad)?))
+    }
+}
+
 /// `x + c` (broadcast) where `c` gets no gradient unless it is itself tracked.
 pub fn add_frozen(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
     if c.track_op() {

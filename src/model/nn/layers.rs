@@ -4,9 +4,11 @@
 //! inputs silently get no gradient. Everything here is built from ops whose backward candle
 //! implements (tests in this file prove the gradients flow and match finite differences).
 
+use super::conv_cpu;
 use super::conv_cpu::{conv2d, conv2d_s1_input_grad, conv2d_s1_kernel_grad};
 use super::fused_cpu;
-use super::grad::{input_grad_only, param, scale_shift_frozen};
+use super::grad::{input_grad_only, input_grad_only_cpu, param, scale_shift_frozen};
+use super::lowrank_cpu;
 use crate::model::Result;
 use crate::model::weights::{Param, Weights};
 use candle_core::{D, DType, Tensor, Var};
@@ -33,6 +35,11 @@ pub struct Dropout {
 }
 
 impl Dropout {
+    /// Whether [`Self::apply`] drops anything now (a key is set and `p > 0`).
+    pub fn active(&self) -> bool {
+        self.key.load(std::sync::atomic::Ordering::Relaxed) != 0 && self.p > 0.0
+    }
+
     /// `h` with each element zeroed with probability `p` and the rest scaled by 1/(1-p)
     /// (torch's `F.dropout`); `h` unchanged when the key is 0.
     pub fn apply(&self, h: &Tensor) -> candle_core::Result<Tensor> {
@@ -88,6 +95,23 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Frozen layer + LoRA delta (no active dropout) on f32 CPU tensors: one fused op.
+        if let (Param::Frozen(w), true, Some(d)) = (&self.weight, frozen(&self.bias), &self.delta)
+            && !d.dropout.as_ref().is_some_and(Dropout::active)
+        {
+            let (a, b) = (param(&d.down), param(&d.up));
+            if lowrank_cpu::lora_linear_applies(x, w, &a, &b) {
+                let bias = self.bias.as_ref().map(|b| b.value());
+                return Ok(lowrank_cpu::lora_linear(
+                    x,
+                    w,
+                    bias.as_ref(),
+                    &a,
+                    &b,
+                    d.scale,
+                )?);
+            }
+        }
         let base = |x: &Tensor| -> candle_core::Result<Tensor> {
             let y = x.broadcast_matmul(&self.weight.value().t()?)?;
             match &self.bias {
@@ -96,6 +120,17 @@ impl Linear {
             }
         };
         let mut y = match (&self.weight, frozen(&self.bias)) {
+            (Param::Frozen(w), true)
+                if fused_cpu::applies(&[x, w]) && w.is_contiguous() && w.rank() == 2 =>
+            {
+                let (wf, b) = (w.clone(), self.bias.as_ref().map(|b| b.value()));
+                let w = w.clone();
+                input_grad_only_cpu(
+                    x,
+                    move |s, l| fused_cpu::linear_bias_storage(s, l, &wf, b.as_ref()),
+                    move |g| g.broadcast_matmul(&w),
+                )?
+            }
             (Param::Frozen(w), true) => {
                 let w = w.clone();
                 input_grad_only(x, base, move |g| g.broadcast_matmul(&w))?
@@ -157,6 +192,15 @@ impl Conv2d {
             }
         };
         let mut y = match (&self.weight, frozen(&self.bias)) {
+            (Param::Frozen(w), true) if conv_cpu::applies(x, w, pad, stride) => {
+                let (w, (_, _, h, wd)) = (w.clone(), x.dims4()?);
+                let (wf, b) = (w.clone(), self.bias.as_ref().map(|b| b.value()));
+                input_grad_only_cpu(
+                    x,
+                    move |s, l| conv_cpu::conv2d_bias_storage(s, l, &wf, b.as_ref(), pad),
+                    move |g| conv2d_input_grad(g, &w, (h, wd), pad, stride),
+                )?
+            }
             (Param::Frozen(w), true) => {
                 let (w, (_, _, h, wd)) = (w.clone(), x.dims4()?);
                 input_grad_only(x, base, move |g| {

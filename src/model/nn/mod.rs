@@ -10,6 +10,7 @@ mod fastmath;
 mod fused_cpu;
 pub mod grad;
 mod layers;
+mod lowrank_cpu;
 
 pub use layers::*;
 pub mod walk;
