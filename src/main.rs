@@ -5,16 +5,19 @@
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc options: return freed pages at once. Never returning them (`-1`) made one UNet
-/// forward+backward faster (62.0 s against 70.6 s with the default 10 s decay, bench/unet),
-/// but in training the retained pages fragment: an SD1.5 LoRA step's RSS grew 10.9 -> 13.7 ->
-/// 15.9 GB over three steps (live memory stayed at 4.5-10.7 GB) and steps took 76.7 s; with
-/// immediate return the peak is 10.7 GB every step and a step 66.3 s (bench/train, same
-/// machine and run).
+/// jemalloc options: keep freed pages for reuse and back the heap with transparent huge
+/// pages; the trainer hands the cached pages back at each optimizer step's end
+/// (`util::alloc::release_free_pages`). Returning pages at once (`dirty_decay_ms:0`) cost
+/// ~4M page faults per UNet forward+backward, a third of the run in the kernel; keeping them
+/// with 4 KB pages still faulted 7M times on first touch; with huge pages 6.6k. SD1.5 LoRA
+/// step (bench/train, 2-core AVX-512 EPYC, same session): 29.1 s/step and 7.24 GB peak
+/// returning at once, 19.4 s and 9.45 GB keeping pages, but then the resident set grew
+/// 9.4 -> 12.9 GB over six steps (fragmentation); with the release at each step end it stays
+/// flat (BENCHMARKS.md, train).
 #[cfg(not(target_env = "msvc"))]
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8; 34] = b"dirty_decay_ms:0,muzzy_decay_ms:0\0";
+pub static malloc_conf: &[u8; 47] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always\0";
 
 fn main() {
     // A closed stdout (`sdkit ... --json | head`) ends the process quietly, as for other

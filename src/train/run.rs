@@ -1043,6 +1043,8 @@ fn train<'a>(
                 })
                 .collect();
             opt.step(&grads, &lrs).map_err(run_err)?;
+            drop(grads);
+            crate::util::alloc::release_free_pages();
             let lrs = opt.applied_lrs(&lrs);
             pos.step += 1;
             step_times.push(step_start.elapsed().as_secs_f64());

@@ -1,5 +1,6 @@
 //! Small shared helpers: atomic writes, progress reporting, memory budget.
 
+pub mod alloc;
 pub mod atomic;
 pub mod budget;
 pub mod progress;
