@@ -4,8 +4,8 @@
 
 LoRA rank 32, alpha 16 (peft) on kohya's targets: UNet attention / feed-forward linears and
 proj_in / proj_out, text-encoder q/k/v/out_proj and fc1/fc2; AdamW lr 1e-4; batch 1 at
-512x512; per step: caption -> CLIP (grad through the LoRA) -> noise -> UNet forward +
-backward -> clip grad norm 1.0 -> AdamW step. Latents are encoded first (the caching rate of
+512x512 (env RESOLUTION and BATCH change both); per step: caption -> CLIP (grad through the
+LoRA) -> noise -> UNet forward + backward -> clip grad norm 1.0 -> AdamW step. Latents are encoded first (the caching rate of
 diffusers' VAE encode). Prints seconds per step (mean of steps 2..N), caching rate, peak RSS.
 GRADIENT_CHECKPOINTING=1 turns on diffusers' gradient checkpointing of the UNet.
 
@@ -120,6 +120,9 @@ def optimizer(params, method):
 
 def main():
     model, data, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    # RESOLUTION: square training size (the bench images are 512 px; resized to it, as
+    # sdkit's bucketing does); BATCH: latents per step (cycling through the images).
+    res, batch = int(os.environ.get("RESOLUTION", 512)), int(os.environ.get("BATCH", 1))
     unet = UNet2DConditionModel.from_pretrained(os.path.join(model, "unet"))
     vae = AutoencoderKL.from_pretrained(os.path.join(model, "vae"))
     te = CLIPTextModel.from_pretrained(os.path.join(model, "text_encoder"))
@@ -130,7 +133,10 @@ def main():
     latents = []
     with torch.no_grad():
         for p in images:
-            x = torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).float()
+            img = Image.open(p).convert("RGB")
+            if img.size != (res, res):
+                img = img.resize((res, res), Image.LANCZOS)
+            x = torch.from_numpy(np.asarray(img)).float()
             x = (x / 127.5 - 1.0).permute(2, 0, 1)[None]
             latents.append(vae.encode(x).latent_dist.sample() * 0.18215)
     rate = len(images) / (time.perf_counter() - t)
@@ -160,11 +166,11 @@ def main():
     times = []
     for s in range(steps):
         t0 = time.perf_counter()
-        x0 = latents[s % len(latents)]
+        x0 = torch.cat([latents[(s * batch + i) % len(latents)] for i in range(batch)])
         noise = torch.randn(x0.shape, generator=g)
-        ts = torch.randint(0, 1000, (1,), generator=g)
+        ts = torch.randint(0, 1000, (batch,), generator=g)
         noisy = sched.add_noise(x0, noise, ts)
-        ctx = te(ids)[0]
+        ctx = te(ids.repeat(batch, 1))[0]
         pred = unet(noisy, ts, encoder_hidden_states=ctx).sample
         loss = F.mse_loss(pred, noise)
         loss.backward()
