@@ -7,7 +7,7 @@
 //! x query blocks, backward over batch-heads (each owns its dk / dv rows).
 //! Layouts are contiguous row-major: q [N, Lq, D], k [N, Lk, D], v [N, Lk, Dv].
 
-use super::fastmath::{exp, sum};
+use super::fastmath::{exp, max};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
@@ -111,9 +111,22 @@ unsafe fn softmax_rows_avx2(s: &mut [f32], width: usize, scale: f32) {
 #[inline(always)]
 fn softmax_rows_any(s: &mut [f32], width: usize, scale: f32) {
     for row in s.chunks_exact_mut(width) {
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
-        row.iter_mut().for_each(|x| *x = exp(*x * scale - m));
-        let inv = 1.0 / sum(row);
+        let m = max(row) * scale;
+        // exp and its sum in one pass, the sum in 8 lanes.
+        let mut acc = [0f32; 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+                *x = exp(*x * scale - m);
+                *a += *x;
+            }
+        }
+        let mut rest = 0f32;
+        for x in chunks.into_remainder() {
+            *x = exp(*x * scale - m);
+            rest += *x;
+        }
+        let inv = 1.0 / (acc.iter().sum::<f32>() + rest);
         row.iter_mut().for_each(|x| *x *= inv);
     }
 }

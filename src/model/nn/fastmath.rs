@@ -95,7 +95,29 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from the exponent bits. n + 127 is in [1, 254] (x is clamped); adding 2^23
+    // puts it in the low mantissa bits of an exact float, and the shift moves it into the
+    // exponent field (the float's own exponent bits shift out). A float-to-int `as` cast
+    // here would saturate and check NaN per lane, which LLVM leaves scalar.
+    e * f32::from_bits((n + 8_388_735.0).to_bits() << 23)
+}
+
+/// Maximum in 8 lanes (vectorisable; NaNs are skipped, -inf for an empty slice).
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let pick = |a: f32, b: f32| if b > a { b } else { a };
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| pick(a, b));
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = pick(*a, v);
+        }
+    }
+    acc.iter().fold(rest, |a, &b| pick(a, b))
 }
 
 /// `sigmoid(x) = 1 / (1 + e^-x)`.
@@ -135,6 +157,20 @@ mod tests {
         assert!(worst < 2.5e-7, "max relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) < 1e-37);
+    }
+
+    /// The 8-lane max agrees with a scalar fold at every length and skips NaNs.
+    #[test]
+    fn max_matches_a_fold_and_skips_nan() {
+        for n in 0..40 {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+            let want = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            assert_eq!(max(&x), want, "length {n}");
+        }
+        let mut x = vec![1.0f32; 19];
+        x[3] = f32::NAN;
+        x[17] = 4.0;
+        assert_eq!(max(&x), 4.0);
     }
 
     /// erf against a high-precision series (f64 Taylor / continued use of std exp).
