@@ -5,19 +5,23 @@
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc options: keep freed pages for reuse and back the heap with transparent huge
-/// pages; the trainer hands the cached pages back at each optimizer step's end
-/// (`util::alloc::release_free_pages`). Returning pages at once (`dirty_decay_ms:0`) cost
-/// ~4M page faults per UNet forward+backward, a third of the run in the kernel; keeping them
-/// with 4 KB pages still faulted 7M times on first touch; with huge pages 6.6k. SD1.5 LoRA
-/// step (bench/train, 2-core AVX-512 EPYC, same session): 29.1 s/step and 7.24 GB peak
-/// returning at once, 19.4 s and 9.45 GB keeping pages, but then the resident set grew
-/// 9.4 -> 12.9 GB over six steps (fragmentation); with the release at each step end it stays
-/// flat (BENCHMARKS.md, train).
+/// jemalloc options: keep freed pages for reuse, back the heap with transparent huge pages,
+/// and let any free block be split for a smaller request (`lg_extent_max_active_fit:16`;
+/// jemalloc's default refuses blocks over 64x the request and maps fresh memory instead).
+/// Returning pages at once (`dirty_decay_ms:0`) cost ~4M page faults per UNet
+/// forward+backward, a third of the run in the kernel; keeping them with 4 KB pages still
+/// faulted 7M times on first touch, with huge pages 6.6k. With the default fit limit the
+/// kept pages fragmented (resident set +1.2 GB every LoRA step), and handing them back at
+/// each step end made every step refault its working set; with the limit lifted the resident
+/// set is flat at one step's working set. SD1.5 LoRA step (bench/train, 2-core AVX2 EPYC,
+/// one session): 25.8 s/step releasing per step, 18.7 s with this setting, peak 7.9 vs
+/// 8.1 GB (BENCHMARKS.md, speed). The trainer's `util::alloc::GrowthGuard` still releases
+/// should the resident set grow.
 #[cfg(not(target_env = "msvc"))]
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8; 47] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always\0";
+pub static malloc_conf: &[u8; 75] =
+    b"dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always,lg_extent_max_active_fit:16\0";
 
 fn main() {
     // A closed stdout (`sdkit ... --json | head`) ends the process quietly, as for other

@@ -905,6 +905,7 @@ fn train<'a>(
     let mut sampled_at = u64::MAX;
     let mut step_times: Vec<f64> = Vec::new();
     let mut step_clock: Option<std::time::Instant> = None;
+    let mut alloc_guard = crate::util::alloc::GrowthGuard::new();
     ui.start(total, pos.step);
     'epochs: while pos.step < total {
         let batches = cx.ds.epoch_batches(seed, pos.epoch, o.batch_size);
@@ -1044,7 +1045,7 @@ fn train<'a>(
                 .collect();
             opt.step(&grads, &lrs).map_err(run_err)?;
             drop(grads);
-            crate::util::alloc::release_free_pages();
+            alloc_guard.step_end();
             let lrs = opt.applied_lrs(&lrs);
             pos.step += 1;
             step_times.push(step_start.elapsed().as_secs_f64());
