@@ -4,7 +4,8 @@
 # (examples/bench_unet.rs) against diffusers + PyTorch (bench/unet/torch_unet.py), same run.
 # Heavy: ~3.4 GB of weights, several GB of activations; run it when the machine is quiet.
 # Needs the reference venv: source ../shared/scripts/refenv.sh (sets $REFPY).
-# Usage: bench/unet/run.sh [N]   (N timed repeats of the forward; default 2)
+# Usage: bench/unet/run.sh [N]   (N timed repeats of the forward; default 2). The latent-
+# gradient forward+backward is best of 2 on each side: the first run faults its memory in.
 # PROFILE=dev uses the dev profile (dependencies, i.e. candle and gemm, are opt-level 3 there
 # too; only sdkit's own glue code is opt-level 1) when a release build is too slow to make.
 # sdkit's forward+backward runs under `ulimit -v` (MEM_LIMIT_GB, default 22) so that running
@@ -27,9 +28,9 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 "$BIN" gemm 4096
 "$REFPY" bench/unet/torch_unet.py fwd "$W" "$N" 2>&1 | grep -v -i warn
 "$BIN" fwd "$W" "$N"
-"$REFPY" bench/unet/torch_unet.py bwd "$W" 1 input 2>&1 | grep -v -i warn
+"$REFPY" bench/unet/torch_unet.py bwd "$W" 2 input 2>&1 | grep -v -i warn
 "$REFPY" bench/unet/torch_unet.py bwd "$W" 1 all 2>&1 | grep -v -i warn
-( ulimit -v $(( ${MEM_LIMIT_GB:-22} * 1024 * 1024 )); "$BIN" bwd "$W" 1 ) \
+( ulimit -v $(( ${MEM_LIMIT_GB:-22} * 1024 * 1024 )); "$BIN" bwd "$W" 2 ) \
   || echo "sdkit forward+backward failed (memory limit ${MEM_LIMIT_GB:-22} GB?)"
 echo "-- sdkit profile (one forward, by block; single ops) --"
 "$BIN" profile "$W"
