@@ -134,6 +134,75 @@ fn parallelism() -> Parallelism {
     }
 }
 
+/// A GEMM operand: element (r, c) at `r * rs + c * cs` of `data` (strides non-negative).
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    data: &'a [T],
+    rs: isize,
+    cs: isize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    fn new(data: &'a [T], rs: isize, cs: isize) -> Self {
+        Self { data, rs, cs }
+    }
+}
+
+/// `dst = [dst +] lhs (m x k) @ rhs (k x n)` through the `gemm` crate on all threads, with
+/// `dst`'s element (r, c) at `r * drs + c * dcs`. Every index the strides reach is checked
+/// against its slice first.
+fn matmul<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    (drs, dcs): (isize, isize),
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
+    // The last index (rows x cols) reaches, or None when the strides are negative.
+    let last = |rs: isize, cs: isize, rows: usize, cols: usize| {
+        let (rs, cs) = (usize::try_from(rs).ok()?, usize::try_from(cs).ok()?);
+        Some((rows - 1) * rs + (cols - 1) * cs)
+    };
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(k > 0, "conv GEMM with an empty inner dimension");
+    let fits = |len: usize, at: Option<usize>| at.is_some_and(|i| i < len);
+    assert!(
+        fits(dst.len(), last(drs, dcs, m, n))
+            && fits(lhs.data.len(), last(lhs.rs, lhs.cs, m, k))
+            && fits(rhs.data.len(), last(rhs.rs, rhs.cs, k, n)),
+        "conv GEMM operand out of bounds"
+    );
+    let one = T::from_f64(1.0);
+    // SAFETY: the assert bounds every element the strides address; `dst` is exclusively
+    // borrowed and does not alias the shared operands.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dcs,
+            drs,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs,
+            lhs.rs,
+            rhs.data.as_ptr(),
+            rhs.cs,
+            rhs.rs,
+            one,
+            one,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
 /// `x [B, C, H, W]` (contiguous) padded by `g.pad` into `[C, B, Hp, Wp]` + spare per channel.
 fn pad_input<T: WithDType>(x: &[T], c: usize, g: Geom) -> Vec<T> {
     let zero = T::from_f64(0.0);
@@ -174,7 +243,6 @@ fn is_plain<T>(kern: &Kernel<T>) -> bool {
         && kern.sy == kern.k as isize
         && kern.si == kk
         && kern.so == kern.cin as isize * kk
-        && kern.data.len() >= kern.cout * kern.cin * kern.k * kern.k
 }
 
 /// The im2col matrix `[Cin * k * k, N]` of a padded input: row `(i, ty, tx)` is the window
@@ -209,37 +277,19 @@ fn input_grad_col2im<T: WithDType>(
     let (kk, hw) = (k * k, oh * ow);
     let (h, w) = (oh + k - 1 - 2 * pad, ow + k - 1 - 2 * pad);
     let mut dcols = vec![T::from_f64(0.0); b * cin * kk * hw];
-    let (one, par) = (T::from_f64(1.0), parallelism());
     for bi in 0..b {
         let (src, dst) = (
             &dy[bi * cout * hw..][..cout * hw],
             &mut dcols[bi * cin * kk * hw..][..cin * kk * hw],
         );
-        // SAFETY: `is_plain` checked the kernel holds [cout, cin*kk]; src is [cout, hw] and
-        // dst [cin*kk, hw] row-major, dst exclusively borrowed.
-        unsafe {
-            gemm(
-                cin * kk,
-                hw,
-                cout,
-                dst.as_mut_ptr(),
-                1,
-                hw as isize,
-                false,
-                kern.data.as_ptr(),
-                (cin * kk) as isize,
-                1,
-                src.as_ptr(),
-                1,
-                hw as isize,
-                one,
-                one,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        matmul(
+            (cin * kk, hw, cout),
+            dst,
+            (hw as isize, 1),
+            false,
+            Mat::new(kern.data, 1, (cin * kk) as isize),
+            Mat::new(src, hw as isize, 1),
+        );
     }
     let mut dx = vec![T::from_f64(0.0); b * cin * h * w];
     dx.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
@@ -308,36 +358,18 @@ fn conv_s1<T: WithDType>(
     }
     let xp = pad_input(x, cin, g);
     let mut wide = vec![T::from_f64(0.0); cout * n];
-    let (one, par) = (T::from_f64(1.0), parallelism());
     if small(g) && is_plain(&kern) {
         let cols = im2col(&xp, cin, g);
         drop(xp);
         let kdim = cin * g.k * g.k;
-        // SAFETY: `is_plain` checked the kernel holds [cout, kdim] row-major; cols is
-        // [kdim, n] and wide [cout, n], wide exclusively borrowed.
-        unsafe {
-            gemm(
-                cout,
-                n,
-                kdim,
-                wide.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                kern.data.as_ptr(),
-                1,
-                kdim as isize,
-                cols.as_ptr(),
-                1,
-                n as isize,
-                one,
-                one,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        matmul(
+            (cout, n, kdim),
+            &mut wide,
+            (n as isize, 1),
+            false,
+            Mat::new(kern.data, kdim as isize, 1),
+            Mat::new(&cols, n as isize, 1),
+        );
         return unwide(&wide, cout, g, bias);
     }
     for ty in 0..g.k {
@@ -345,33 +377,14 @@ fn conv_s1<T: WithDType>(
             let off = ty * g.wp() + tx;
             let lhs = &kern.data[kern.tap(ty, tx)..];
             let rhs = &xp[off..];
-            // Last element read: (cin - 1) * row + n - 1 past `off` (Geom::row's spare).
-            assert!((cin - 1) * row + n <= rhs.len());
-            // SAFETY: `tap` checked the kernel view; the assert covers the window; `wide`
-            // is [cout, n] row-major and exclusively borrowed.
-            unsafe {
-                gemm(
-                    cout,
-                    n,
-                    cin,
-                    wide.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    ty + tx > 0,
-                    lhs.as_ptr(),
-                    kern.si,
-                    kern.so,
-                    rhs.as_ptr(),
-                    1,
-                    row as isize,
-                    one,
-                    one,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
-            }
+            matmul(
+                (cout, n, cin),
+                &mut wide,
+                (n as isize, 1),
+                ty + tx > 0,
+                Mat::new(lhs, kern.so, kern.si),
+                Mat::new(rhs, row as isize, 1),
+            );
         }
     }
     unwide(&wide, cout, g, bias)
@@ -395,37 +408,19 @@ fn conv_1x1<T: WithDType>(
             .for_each(|(r, row)| row.fill(bv[r % cout]));
     }
     let lhs = &kern.data[kern.tap(0, 0)..];
-    let (one, par) = (T::from_f64(1.0), parallelism());
     for bi in 0..b {
         let (src, dst) = (
             &x[bi * cin * hw..][..cin * hw],
             &mut out[bi * cout * hw..][..cout * hw],
         );
-        // SAFETY: `tap` checked the kernel view; src is [cin, hw] and dst [cout, hw]
-        // row-major, dst exclusively borrowed.
-        unsafe {
-            gemm(
-                cout,
-                hw,
-                cin,
-                dst.as_mut_ptr(),
-                1,
-                hw as isize,
-                bias.is_some(),
-                lhs.as_ptr(),
-                kern.si,
-                kern.so,
-                src.as_ptr(),
-                1,
-                hw as isize,
-                one,
-                one,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        matmul(
+            (cout, hw, cin),
+            dst,
+            (hw as isize, 1),
+            bias.is_some(),
+            Mat::new(lhs, kern.so, kern.si),
+            Mat::new(src, hw as isize, 1),
+        );
     }
     out
 }
@@ -444,36 +439,19 @@ fn conv_s1_kernel_grad<T: WithDType>(
         // dW = sum over images of dy [Cout, HW] @ x^T [HW, Cin].
         let hw = h * w;
         let mut dw = vec![T::from_f64(0.0); cout * cin];
-        let (one, par) = (T::from_f64(1.0), parallelism());
         for bi in 0..b {
             let (xs, ds) = (
                 &x[bi * cin * hw..][..cin * hw],
                 &dy[bi * cout * hw..][..cout * hw],
             );
-            // SAFETY: xs is [cin, hw], ds [cout, hw], dw [cout, cin], all row-major.
-            unsafe {
-                gemm(
-                    cout,
-                    cin,
-                    hw,
-                    dw.as_mut_ptr(),
-                    1,
-                    cin as isize,
-                    bi > 0,
-                    ds.as_ptr(),
-                    1,
-                    hw as isize,
-                    xs.as_ptr(),
-                    hw as isize,
-                    1,
-                    one,
-                    one,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
-            }
+            matmul(
+                (cout, cin, hw),
+                &mut dw,
+                (cin as isize, 1),
+                bi > 0,
+                Mat::new(ds, hw as isize, 1),
+                Mat::new(xs, 1, hw as isize),
+            );
         }
         return dw;
     }
@@ -490,69 +468,33 @@ fn conv_s1_kernel_grad<T: WithDType>(
         }
     });
     let mut dw = vec![T::from_f64(0.0); cout * cin * k * k];
-    let (one, par) = (T::from_f64(1.0), parallelism());
     if small(g) {
         // dW [Cout, Cin*k*k] = wide dy [Cout, N] @ im2col^T [N, Cin*k*k], one GEMM.
         let cols = im2col(&xp, cin, g);
         let kdim = cin * k * k;
-        // SAFETY: wide is [cout, n], cols [kdim, n] (read transposed), dw [cout, kdim],
-        // all row-major; dw exclusively borrowed.
-        unsafe {
-            gemm(
-                cout,
-                kdim,
-                n,
-                dw.as_mut_ptr(),
-                1,
-                kdim as isize,
-                false,
-                wide.as_ptr(),
-                1,
-                n as isize,
-                cols.as_ptr(),
-                n as isize,
-                1,
-                one,
-                one,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        matmul(
+            (cout, kdim, n),
+            &mut dw,
+            (kdim as isize, 1),
+            false,
+            Mat::new(&wide, n as isize, 1),
+            Mat::new(&cols, 1, n as isize),
+        );
         return dw;
     }
     let kk = (k * k) as isize;
     for ty in 0..k {
         for tx in 0..k {
             let rhs = &xp[ty * wp + tx..];
-            assert!((cin - 1) * row + n <= rhs.len());
             let dst = &mut dw[ty * k + tx..];
-            assert!((cout - 1) * cin * k * k + (cin - 1) * k * k < dst.len());
-            // SAFETY: bounds asserted above; dst (one tap of dw) is exclusively borrowed.
-            unsafe {
-                gemm(
-                    cout,
-                    cin,
-                    n,
-                    dst.as_mut_ptr(),
-                    kk,
-                    cin as isize * kk,
-                    false,
-                    wide.as_ptr(),
-                    1,
-                    n as isize,
-                    rhs.as_ptr(),
-                    row as isize,
-                    1,
-                    one,
-                    one,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
-            }
+            matmul(
+                (cout, cin, n),
+                dst,
+                (cin as isize * kk, kk),
+                false,
+                Mat::new(&wide, n as isize, 1),
+                Mat::new(rhs, 1, row as isize),
+            );
         }
     }
     dw
