@@ -38,8 +38,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[cfg(not(target_env = "msvc"))]
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8; 75] =
-    b"dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always,lg_extent_max_active_fit:16\0";
+pub static malloc_conf: &[u8; 75] = sdkit::util::alloc::JEMALLOC_CONF;
 
 fn peak_rss_gb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

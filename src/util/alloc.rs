@@ -9,6 +9,12 @@
 //! backstop: should the resident set still grow (a workload that fragments the heap), it
 //! hands the cache back.
 
+/// jemalloc's options for the `sdkit` binary and the benchmarks that time it (src/main.rs
+/// explains each): never return freed pages on a timer, transparent huge pages, and no limit
+/// on splitting a large free block for a smaller request.
+pub const JEMALLOC_CONF: &[u8; 75] =
+    b"dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always,lg_extent_max_active_fit:16\0";
+
 /// Returns every cached free page of jemalloc's arenas to the kernel. The next step then
 /// refaults its working set (2 MB huge pages), which on the benchmark VM cost ~6 s of a
 /// ~19 s LoRA step. A no-op where jemalloc is not linked in (MSVC) and harmless where it is
