@@ -92,6 +92,9 @@ fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some("conv") {
         return conv(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3));
     }
+    if args.first().map(String::as_str) == Some("attn") {
+        return attn(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3));
+    }
     if args.first().map(String::as_str) == Some("gemm") {
         return gemm(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(4096));
     }
@@ -306,6 +309,61 @@ fn profile(model: &UNet2DConditionModel, x: &Tensor, t: &Tensor, ctx: &Tensor) -
         "sgemm 4096^3              {s:7.3} s  {:6.1} GFLOP/s",
         2.0 * 4096f64.powi(3) / s / 1e9
     );
+    Ok(())
+}
+
+/// SD1.5's attention shapes at 512 px (8 heads), f32: forward, and forward + backward with
+/// q, k, v all tracked (self-attention under LoRA) or only q (cross-attention over a frozen
+/// text encoder); best of `reps`.
+fn attn(reps: usize) -> Result<()> {
+    println!("attention (heads x queries x keys x head dim): fwd | fwd+bwd, s (GFLOP/s)");
+    for (i, &(lq, lk, d)) in [
+        (4096, 4096, 40),
+        (1024, 1024, 80),
+        (256, 256, 160),
+        (4096, 77, 40),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = i as u64 * 3;
+        let (q, k, v) = (
+            randn(&[8, lq, d], 20 + s)?,
+            randn(&[8, lk, d], 21 + s)?,
+            randn(&[8, lk, d], 22 + s)?,
+        );
+        let scale = (d as f64).powf(-0.5);
+        let (mut f, mut b) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..reps {
+            f = f.min(timed(|| Ok(attention(&q, &k, &v, scale)?))?.1);
+            let (qv, kv, vv) = (
+                Var::from_tensor(&q)?,
+                Var::from_tensor(&k)?,
+                Var::from_tensor(&v)?,
+            );
+            let frozen_kv = lk == 77;
+            b = b.min(
+                timed(|| {
+                    let (kt, vt) = if frozen_kv {
+                        (k.clone(), v.clone())
+                    } else {
+                        (kv.as_tensor().clone(), vv.as_tensor().clone())
+                    };
+                    Ok(attention(qv.as_tensor(), &kt, &vt, scale)?
+                        .sum_all()?
+                        .backward()?)
+                })?
+                .1,
+            );
+        }
+        let flop = 4.0 * 8.0 * (lq * lk * d) as f64;
+        let bflop = flop * if lk == 77 { 2.0 } else { 3.5 };
+        println!(
+            "8x{lq}x{lk}x{d}: {f:.3} s ({:.0}) | {b:.3} s ({:.0})",
+            flop / f / 1e9,
+            bflop / b / 1e9
+        );
+    }
     Ok(())
 }
 

@@ -42,11 +42,7 @@ pub fn attention_tiled(
     if !q.device().is_cpu() {
         return attention_chunked(q, k, v, scale);
     }
-    let op = MemEffAttention {
-        scale,
-        bq: bq.max(1),
-        bk: bk.max(1),
-    };
+    let op = MemEffAttention::new(scale, bq, bk);
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
@@ -62,11 +58,13 @@ pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resu
     Ok(Tensor::cat(&outs, 1)?)
 }
 
-#[derive(Clone, Copy)]
 struct MemEffAttention {
     scale: f64,
     bq: usize,
     bk: usize,
+    /// The forward's row log-sum-exp [N, Lq] where the AVX2 kernels ran it (their
+    /// backward then recomputes probabilities in one pass).
+    lse: std::sync::Mutex<Vec<f32>>,
 }
 
 fn blocks(len: usize, b: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -74,6 +72,15 @@ fn blocks(len: usize, b: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 impl MemEffAttention {
+    fn new(scale: f64, bq: usize, bk: usize) -> Self {
+        Self {
+            scale,
+            bq: bq.max(1),
+            bk: bk.max(1),
+            lse: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
     /// Sizes for the fused kernel from q [N, Lq, D], k [N, Lk, D], v [N, Lk, Dv].
     fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<fused::Dims> {
         match (q, k, v) {
@@ -206,6 +213,30 @@ fn f32_of<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     }
 }
 
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("attention: a thread panicked holding the saved log-sum-exp".into())
+}
+
+type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// Gradient tensors shaped like q, k and v from the kernels' buffers.
+fn grads(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    dq: Vec<f32>,
+    dkv: Option<(Vec<f32>, Vec<f32>)>,
+) -> candle_core::Result<Grads> {
+    let cpu = Device::Cpu;
+    let dq = Tensor::from_vec(dq, q.shape(), &cpu)?;
+    Ok(match dkv {
+        Some((dk, dv)) => (
+            Some(dq),
+            Some(Tensor::from_vec(dk, k.shape(), &cpu)?),
+            Some(Tensor::from_vec(dv, v.shape(), &cpu)?),
+        ),
+        None => (Some(dq), None, None),
+    })
+}
+
 fn to_candle<T>(r: Result<T>) -> candle_core::Result<T> {
     r.map_err(|e| match e {
         crate::model::ModelError::Candle(e) => e,
@@ -229,6 +260,18 @@ impl candle_core::CustomOp3 for MemEffAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         if let (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) = (s1, s2, s3) {
             let dm = self.dims(l1.dims(), l2.dims(), l3.dims())?;
+            #[cfg(target_arch = "x86_64")]
+            if super::attention_fast::applies(&dm) {
+                let (out, lse) = super::attention_fast::forward(
+                    f32_slice(a, l1)?,
+                    f32_slice(b, l2)?,
+                    f32_slice(c, l3)?,
+                    dm,
+                    self.scale as f32,
+                );
+                *self.lse.lock().map_err(|_| poisoned())? = lse;
+                return Ok((CpuStorage::F32(out), Shape::from((dm.n, dm.lq, dm.dv))));
+            }
             let out = fused::forward(
                 f32_slice(a, l1)?,
                 f32_slice(b, l2)?,
@@ -264,6 +307,26 @@ impl candle_core::CustomOp3 for MemEffAttention {
             let (sk, lk) = k.storage_and_layout();
             let (sv, lv) = v.storage_and_layout();
             let (sg, lg) = g.storage_and_layout();
+            #[cfg(target_arch = "x86_64")]
+            if super::attention_fast::applies(&dm) {
+                let res = res.contiguous()?;
+                let (so, lo) = res.storage_and_layout();
+                let lse = self.lse.lock().map_err(|_| poisoned())?;
+                let (dq, dkv) = super::attention_fast::backward(
+                    (
+                        f32_of(&sq, lq)?,
+                        f32_of(&sk, lk)?,
+                        f32_of(&sv, lv)?,
+                        f32_of(&so, lo)?,
+                        f32_of(&sg, lg)?,
+                    ),
+                    Some(lse.as_slice()),
+                    dm,
+                    self.scale as f32,
+                    want_kv,
+                );
+                return grads((q, k, v), dq, dkv);
+            }
             let (dq, dkv) = fused::backward(
                 (
                     f32_of(&sq, lq)?,
@@ -275,16 +338,7 @@ impl candle_core::CustomOp3 for MemEffAttention {
                 self.scale as f32,
                 want_kv,
             );
-            let cpu = Device::Cpu;
-            let dq = Tensor::from_vec(dq, q.shape(), &cpu)?;
-            return Ok(match dkv {
-                Some((dk, dv)) => (
-                    Some(dq),
-                    Some(Tensor::from_vec(dk, k.shape(), &cpu)?),
-                    Some(Tensor::from_vec(dv, v.shape(), &cpu)?),
-                ),
-                None => (Some(dq), None, None),
-            });
+            return grads((q, k, v), dq, dkv);
         }
         let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), res.detach());
         let (dq, dkv) = to_candle(self.backward(&q, &k, &v, &o, &grad_res.detach(), want_kv))?;
@@ -338,11 +392,7 @@ mod tests {
     /// gradients of q, k, v.
     #[test]
     fn tiled_matches_naive_forward_and_backward() {
-        let op = MemEffAttention {
-            scale: 0.3,
-            bq: 7,
-            bk: 5,
-        };
+        let op = || MemEffAttention::new(0.3, 7, 5);
         let (n, lq, lk, d) = (3, 19, 23, 8);
         let q = Var::from_tensor(&randn(&[n, lq, d], 1)).unwrap();
         let k = Var::from_tensor(&randn(&[n, lk, d], 2)).unwrap();
@@ -350,7 +400,7 @@ mod tests {
         let r = randn(&[n, lq, 6], 4);
         let ours = q
             .as_tensor()
-            .apply_op3(k.as_tensor(), v.as_tensor(), op)
+            .apply_op3(k.as_tensor(), v.as_tensor(), op())
             .unwrap();
         let naive = attention_naive(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3).unwrap();
         assert!(max_rel(&ours, &naive) < 1e-5);
@@ -370,19 +420,60 @@ mod tests {
         assert!(e < 1e-5);
     }
 
+    /// The AVX2 kernels (head dims multiples of 8, 5- and 4-vector column chunks, uneven
+    /// query blocks and key panels) against the naive version, with trainable and frozen
+    /// keys / values; on a CPU without AVX2 this checks the portable path instead.
+    #[test]
+    fn fast_kernels_match_naive() {
+        for (lq, lk, d, dv, bq) in [(37, 45, 40, 24, 7), (20, 77, 64, 16, 64), (9, 16, 8, 80, 4)] {
+            let op = || MemEffAttention::new(0.2, bq, 5);
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                let dm = op().dims(&[2, lq, d], &[2, lk, d], &[2, lk, dv]).unwrap();
+                assert!(super::super::attention_fast::applies(&dm));
+            }
+            let q = Var::from_tensor(&randn(&[2, lq, d], 1)).unwrap();
+            let k = Var::from_tensor(&randn(&[2, lk, d], 2)).unwrap();
+            let v = Var::from_tensor(&randn(&[2, lk, dv], 3)).unwrap();
+            let r = randn(&[2, lq, dv], 4);
+            let ours = q
+                .as_tensor()
+                .apply_op3(k.as_tensor(), v.as_tensor(), op())
+                .unwrap();
+            let naive = attention_naive(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.2).unwrap();
+            assert!(max_rel(&ours, &naive) < 1e-5, "{lq} {lk} {d} {dv}");
+            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (naive * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for x in [&q, &k, &v] {
+                let e = max_rel(
+                    g1.get(x.as_tensor()).unwrap(),
+                    g2.get(x.as_tensor()).unwrap(),
+                );
+                assert!(e < 1e-5, "gradient rel err {e} ({lq} {lk} {d} {dv})");
+            }
+            let (kf, vf) = (k.as_tensor().detach(), v.as_tensor().detach());
+            let ours = q.as_tensor().apply_op3(&kf, &vf, op()).unwrap();
+            let naive = attention_naive(q.as_tensor(), &kf, &vf, 0.2).unwrap();
+            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (naive * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let e = max_rel(
+                g1.get(q.as_tensor()).unwrap(),
+                g2.get(q.as_tensor()).unwrap(),
+            );
+            assert!(e < 1e-5, "frozen k/v: query gradient rel err {e}");
+            assert!(g1.get(&kf).is_none() && g1.get(&vf).is_none());
+        }
+    }
+
     /// Frozen keys and values (cross-attention over a frozen text encoder): the query
     /// gradient is unchanged and no k / v gradient is computed or stored.
     #[test]
     fn frozen_keys_and_values_get_no_gradient() {
-        let op = MemEffAttention {
-            scale: 0.3,
-            bq: 7,
-            bk: 5,
-        };
+        let op = || MemEffAttention::new(0.3, 7, 5);
         let q = Var::from_tensor(&randn(&[2, 11, 8], 1)).unwrap();
         let (k, v) = (randn(&[2, 9, 8], 2), randn(&[2, 9, 6], 3));
         let r = randn(&[2, 11, 6], 4);
-        let ours = q.as_tensor().apply_op3(&k, &v, op).unwrap();
+        let ours = q.as_tensor().apply_op3(&k, &v, op()).unwrap();
         let naive = attention_naive(q.as_tensor(), &k, &v, 0.3).unwrap();
         let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (naive * &r).unwrap().sum_all().unwrap().backward().unwrap();

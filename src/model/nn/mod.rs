@@ -4,6 +4,8 @@
 
 pub mod attention;
 mod attention_cpu;
+#[cfg(target_arch = "x86_64")]
+mod attention_fast;
 pub mod checkpoint;
 mod conv_cpu;
 mod fastmath;
