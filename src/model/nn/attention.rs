@@ -2,8 +2,10 @@
 //! backward that recomputes scores (FlashAttention-style).
 //!
 //! Inputs are [N, L, D] with N = batch x heads. On the CPU it runs as a candle CustomOp:
-//! f32 through the fused kernels of `attention_cpu` (one block of query rows x all keys at
-//! a time, GEMM + one-pass softmax); other dtypes tiled over queries and keys with an online
+//! f32 with head dims that are multiples of 8 on AVX2 through `attention_fast` (own
+//! register tiles, softmax in the tile epilogues, the forward's log-sum-exp kept for the
+//! backward), other f32 through the fused kernels of `attention_cpu` (one block of query
+//! rows x all keys at a time, GEMM + one-pass softmax); other dtypes tiled over queries and keys with an online
 //! softmax in candle tensor ops (one bq x bk tile per batch-head). Other devices use
 //! [`attention_chunked`], which bounds memory by query chunks but keeps them for backprop.
 
@@ -425,7 +427,12 @@ mod tests {
     /// keys / values; on a CPU without AVX2 this checks the portable path instead.
     #[test]
     fn fast_kernels_match_naive() {
-        for (lq, lk, d, dv, bq) in [(37, 45, 40, 24, 7), (20, 77, 64, 16, 64), (9, 16, 8, 80, 4)] {
+        for (lq, lk, d, dv, bq) in [
+            (37, 45, 40, 24, 7),
+            (20, 77, 64, 16, 64),
+            (9, 16, 8, 80, 4),
+            (11, 600, 16, 8, 6),
+        ] {
             let op = || MemEffAttention::new(0.2, bq, 5);
             #[cfg(target_arch = "x86_64")]
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {

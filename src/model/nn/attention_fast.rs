@@ -28,6 +28,10 @@ use std::arch::x86_64::*;
 /// Keys per packed panel (two 8-lane vectors).
 const PANEL: usize = 16;
 
+/// Keys per block of the backward's outer loop (a multiple of [`PANEL`]): a block's dK
+/// and dV rows (40 KB each at head dim 40) and a 64-query tile of its scores stay in L2.
+const KEY_BLOCK: usize = 256;
+
 /// Whether the fast kernels run on this CPU for these sizes.
 pub(crate) fn applies(dm: &Dims) -> bool {
     dm.d.is_multiple_of(8)
@@ -501,9 +505,14 @@ type KvGrads = Option<(Vec<f32>, Vec<f32>)>;
 
 /// Gradients `(dq, Some((dk, dv)))` from the output `o`, its gradient `d_o` and the
 /// forward's row log-sum-exp (recomputed when `lse` is `None`); dk and dv only when
-/// `want_kv` (see `attention_cpu::backward`). Per query block: `P = exp(scale Q K^T -
-/// lse)` and `dS = P * (dO V^T - rowsum(dO * O))` are each one panel product with the
-/// softmax in its epilogue, then `dQ = scale dS K`, `dV += P^T dO`, `dK += scale dS^T Q`.
+/// `want_kv` (see `attention_cpu::backward`).
+///
+/// FlashAttention-2's loop order: per head, blocks of [`KEY_BLOCK`] keys outside, query
+/// blocks inside, so a key block's dK and dV rows and its score tiles stay in cache while
+/// every query block adds to them (dQ rows are revisited once per key block instead).
+/// Per tile: `P = exp(scale Q K^T - lse)` and `dS = P * (dO V^T - rowsum(dO * O))` are
+/// each one panel product with the softmax in its epilogue, then `dQ += scale dS K`,
+/// `dV += P^T dO`, `dK += scale dS^T Q`.
 pub(crate) fn backward(
     (q, k, v, o, d_o): Inputs,
     lse: Option<&[f32]>,
@@ -519,71 +528,58 @@ pub(crate) fn backward(
         return (dq, want_kv.then_some((dk, dv)));
     }
     let lse = lse.filter(|l| l.len() == dm.n * dm.lq);
-    let (bqm, lkp) = (dm.bq.max(1), padded(dm.lk));
+    let bqm = dm.bq.max(1);
+    // Tile row stride: a key block plus one panel (see the module docs).
+    let bkp = KEY_BLOCK.min(dm.lk.div_ceil(PANEL) * PANEL) + PANEL;
     let head = |h: usize, dq_h: &mut [f32], mut dkv: Option<(&mut [f32], &mut [f32])>| {
         let kh = &k[h * dm.lk * dm.d..(h + 1) * dm.lk * dm.d];
         let vh = &v[h * dm.lk * dm.dv..(h + 1) * dm.lk * dm.dv];
+        let rows = h * dm.lq..(h + 1) * dm.lq;
+        let q_h = &q[rows.start * dm.d..rows.end * dm.d];
+        let do_h = &d_o[rows.start * dm.dv..rows.end * dm.dv];
         let (kp, vp) = (pack_panels(kh, dm.lk, dm.d), pack_panels(vh, dm.lk, dm.dv));
-        let mut p = vec![0f32; bqm * lkp];
-        let mut ds = vec![0f32; bqm * lkp];
-        for (b, dq_blk) in dq_h.chunks_mut(bqm * dm.d).enumerate() {
-            let bq = dq_blk.len() / dm.d;
-            let r0 = h * dm.lq + b * bqm;
-            let q_blk = &q[r0 * dm.d..(r0 + bq) * dm.d];
-            let do_blk = &d_o[r0 * dm.dv..(r0 + bq) * dm.dv];
-            let o_blk = &o[r0 * dm.dv..(r0 + bq) * dm.dv];
-            let lse_blk: Vec<f32> = match lse {
-                Some(l) => l[r0..r0 + bq].to_vec(),
-                None => {
-                    let mut max = vec![f32::NEG_INFINITY; bq];
-                    let c = (&mut p[..], lkp);
-                    gemm_panels((bq, dm.d), q_blk, &kp, c, PanelEpi::Max(&mut max));
-                    let ls = exp_rows(&mut p, (dm.lk, lkp), &max, scale);
-                    ls.iter().map(|&(l, _)| l).collect()
-                }
-            };
-            let delta: Vec<f32> = do_blk
-                .chunks_exact(dm.dv)
-                .zip(o_blk.chunks_exact(dm.dv))
-                .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
-                .collect();
-            let exp = PanelEpi::Exp {
-                scale,
-                lse: &lse_blk,
-            };
-            gemm_panels((bq, dm.d), q_blk, &kp, (&mut p, lkp), exp);
-            let dsm = PanelEpi::DSoftmax {
-                p: &p,
-                delta: &delta,
-            };
-            gemm_panels((bq, dm.dv), do_blk, &vp, (&mut ds, lkp), dsm);
-            let ds_rows = Strided::rows(&ds, lkp);
-            gemm_wide(
-                (bq, dm.d, dm.lk),
-                ds_rows,
-                (kh, dm.d),
-                (dq_blk, dm.d),
-                scale,
-                false,
-            );
-            if let Some((dk_h, dv_h)) = dkv.as_mut() {
-                let (p_t, ds_t) = (Strided::cols(&p, lkp), Strided::cols(&ds, lkp));
-                gemm_wide(
-                    (dm.lk, dm.dv, bq),
-                    p_t,
-                    (do_blk, dm.dv),
-                    (dv_h, dm.dv),
-                    1.0,
-                    true,
-                );
-                gemm_wide(
-                    (dm.lk, dm.d, bq),
-                    ds_t,
-                    (q_blk, dm.d),
-                    (dk_h, dm.d),
+        let lse_h: Vec<f32> = match lse {
+            Some(l) => l[rows.clone()].to_vec(),
+            None => head_lse(q_h, &kp, &dm, scale),
+        };
+        let delta: Vec<f32> = do_h
+            .chunks_exact(dm.dv)
+            .zip(o[rows.start * dm.dv..rows.end * dm.dv].chunks_exact(dm.dv))
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
+            .collect();
+        let mut p = vec![0f32; bqm * bkp];
+        let mut ds = vec![0f32; bqm * bkp];
+        for k0 in (0..dm.lk).step_by(KEY_BLOCK) {
+            let kl = KEY_BLOCK.min(dm.lk - k0);
+            let (p0, p1) = (k0 / PANEL, (k0 + kl).div_ceil(PANEL));
+            let kp_blk = &kp[p0 * dm.d * PANEL..p1 * dm.d * PANEL];
+            let vp_blk = &vp[p0 * dm.dv * PANEL..p1 * dm.dv * PANEL];
+            let k_blk = &kh[k0 * dm.d..(k0 + kl) * dm.d];
+            for (b, dq_blk) in dq_h.chunks_mut(bqm * dm.d).enumerate() {
+                let bq = dq_blk.len() / dm.d;
+                let r0 = b * bqm;
+                let q_blk = &q_h[r0 * dm.d..(r0 + bq) * dm.d];
+                let do_blk = &do_h[r0 * dm.dv..(r0 + bq) * dm.dv];
+                let exp = PanelEpi::Exp {
                     scale,
-                    true,
-                );
+                    lse: &lse_h[r0..r0 + bq],
+                };
+                gemm_panels((bq, dm.d), q_blk, kp_blk, (&mut p, bkp), exp);
+                let dsm = PanelEpi::DSoftmax {
+                    p: &p,
+                    delta: &delta[r0..r0 + bq],
+                };
+                gemm_panels((bq, dm.dv), do_blk, vp_blk, (&mut ds, bkp), dsm);
+                let ds_rows = Strided::rows(&ds, bkp);
+                let dqc = (&mut dq_blk[..], dm.d);
+                gemm_wide((bq, dm.d, kl), ds_rows, (k_blk, dm.d), dqc, scale, k0 > 0);
+                if let Some((dk_h, dv_h)) = dkv.as_mut() {
+                    let (p_t, ds_t) = (Strided::cols(&p, bkp), Strided::cols(&ds, bkp));
+                    let dvc = (&mut dv_h[k0 * dm.dv..(k0 + kl) * dm.dv], dm.dv);
+                    gemm_wide((kl, dm.dv, bq), p_t, (do_blk, dm.dv), dvc, 1.0, true);
+                    let dkc = (&mut dk_h[k0 * dm.d..(k0 + kl) * dm.d], dm.d);
+                    gemm_wide((kl, dm.d, bq), ds_t, (q_blk, dm.d), dkc, scale, true);
+                }
             }
         }
     };
@@ -600,6 +596,30 @@ pub(crate) fn backward(
             .for_each(|(h, dq_h)| head(h, dq_h, None));
         (dq, None)
     }
+}
+
+/// One head's row log-sum-exp of the scaled scores, as the forward computes it.
+fn head_lse(q_h: &[f32], kp: &[f32], dm: &Dims, scale: f32) -> Vec<f32> {
+    let (bqm, lkp) = (dm.bq.max(1), padded(dm.lk));
+    let mut s = vec![0f32; bqm * lkp];
+    let mut out = Vec::with_capacity(dm.lq);
+    for q_blk in q_h.chunks(bqm * dm.d) {
+        let bq = q_blk.len() / dm.d;
+        let mut max = vec![f32::NEG_INFINITY; bq];
+        gemm_panels(
+            (bq, dm.d),
+            q_blk,
+            kp,
+            (&mut s, lkp),
+            PanelEpi::Max(&mut max),
+        );
+        out.extend(
+            exp_rows(&mut s, (dm.lk, lkp), &max, scale)
+                .iter()
+                .map(|&(l, _)| l),
+        );
+    }
+    out
 }
 
 #[cfg(test)]
@@ -625,7 +645,7 @@ mod tests {
         let dm = Dims {
             n: 2,
             lq: 13,
-            lk: 21,
+            lk: 2 * KEY_BLOCK + 21,
             d: 16,
             dv: 8,
             bq: 5,
