@@ -257,6 +257,10 @@ fn trains_a_lora_that_learns_and_loads() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let rep: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(rep["steps"], 30);
+    // Each step's wall time, for scripts that want more than the mean.
+    let times = rep["step_seconds"].as_array().unwrap();
+    assert_eq!(times.len(), 30);
+    assert!(times.iter().all(|t| t.as_f64().is_some_and(|t| t > 0.0)));
     // One sample image after epoch 3, kohya's name, webui's parameters.
     let samples = rep["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 1, "{samples:?}");

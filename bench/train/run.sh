@@ -2,7 +2,8 @@
 # LoRA training step benchmark: SD1.5 configs with random weights, LoRA dim 32 / alpha 16
 # on the UNet and the text encoder, 512 px, batch 1, f32 on CPU, AdamW. sdkit
 # (`sdkit train lora`, the real command) against diffusers + peft (bench/train/torch_train.py)
-# in the same run: seconds per step (mean of steps 2..N), latent caching rate, peak RSS.
+# in the same run: seconds per step (mean and fastest of steps 2..N), latent caching rate,
+# peak RSS.
 # Heavy (~4.3 GB of weights, minutes per step on 2 cores): run it on a quiet machine.
 # Needs the reference venv: source ../shared/scripts/refenv.sh (sets $REFPY).
 # Usage: bench/train/run.sh [STEPS]   (default 3)
@@ -46,7 +47,10 @@ rm -rf "$OUT/run"
 "$REFPY" - "$OUT/sdkit.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"sdkit: {r['seconds_per_step']:.2f} s/step, latents {r['latent_images_per_second']:.2f} images/s, "
+t = r['step_seconds'][1:] or r['step_seconds']
+for i, x in enumerate(r['step_seconds']):
+    print(f"  sdkit step {i + 1}: {x:.2f} s")
+print(f"sdkit: {r['seconds_per_step']:.2f} s/step (fastest {min(t):.2f}), latents {r['latent_images_per_second']:.2f} images/s, "
       f"{r['plan']['trainable_parameters']} trained parameters, {r['steps']} steps in {r['seconds']:.1f} s")
 PY
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

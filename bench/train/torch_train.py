@@ -181,8 +181,10 @@ def main():
         times.append(time.perf_counter() - t0)
         print(f"  pytorch step {s + 1}: {times[-1]:.2f} s, loss {loss.item():.4f}", flush=True)
     mean = sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else times[0]
+    fastest = min(times[1:]) if len(times) > 1 else times[0]
     n = sum(p.numel() for p in params)
-    print(f"pytorch {torch.__version__} ({method}, {kind}): {mean:.2f} s/step, "
+    print(f"pytorch {torch.__version__} ({method}, {kind}): {mean:.2f} s/step "
+          f"(fastest {fastest:.2f}), "
           f"latents {rate:.2f} images/s, {n} trained parameters, peak RSS {peak_gb():.2f} GB, "
           f"threads {torch.get_num_threads()}, "
           f"checkpointing {os.environ.get('GRADIENT_CHECKPOINTING') == '1'}")

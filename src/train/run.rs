@@ -98,6 +98,8 @@ pub struct Report {
     /// Mean wall time of an optimizer step (the first step, which warms caches, left out
     /// when there are more), sample images and saves excluded.
     pub seconds_per_step: Option<f64>,
+    /// Wall time of each optimizer step of this run, in order (same exclusions).
+    pub step_seconds: Vec<f64>,
     /// Latent caching rate (images per second), when latents were cached up front.
     pub latent_images_per_second: Option<f64>,
     pub log_dir: Option<PathBuf>,
@@ -1173,6 +1175,7 @@ fn train<'a>(
             };
             (!t.is_empty()).then(|| t.iter().sum::<f64>() / t.len() as f64)
         },
+        step_seconds: step_times,
         latent_images_per_second: latent_rate,
         log_dir,
         grid,
