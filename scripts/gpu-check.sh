@@ -2,7 +2,8 @@
 # GPU check, for a machine with an NVIDIA GPU (the `device` tool's machine, or a user's):
 # build with CUDA, run the reference-parity tests on the GPU (SDKIT_TEST_DEVICE=cuda: the
 # LoRA gradients against PyTorch, diffusers' LoRA loader outputs and image, the trainer end
-# to end), then time LoRA training steps on the GPU. One script, under 10 minutes once the
+# to end), then time LoRA training steps and a 20-step sample on the GPU (and the same on
+# the CPU, for the ratio). One script, under 10 minutes once the
 # crates are fetched. Needs nvcc (CUDA toolkit) and the driver; prints what it measured.
 # Usage: scripts/gpu-check.sh
 set -euo pipefail
@@ -33,7 +34,16 @@ for dev in cpu cuda; do
     --max-train-steps 20 --cache-latents --seed 1 --device "$dev" --quiet \
     | sed "s/^/$dev: /"
 done
+echo "== 20-step sample on the tiny fixture model (attention: tiled with recompute on CUDA)"
+for dev in cpu cuda; do
+  target/release/sdkit sample --model "$tmp/sd1_diffusers" --prompt "a photo of a cat" --seed 1 \
+    --steps 20 --width 64 --height 64 --device "$dev" --out "$tmp/sample-$dev" --json \
+    | grep -o '"seconds": *[0-9.e-]*' | sed "s/^/$dev: /"
+done
 if [ -n "${BENCH_MODEL:-}" ]; then
+  echo "== SD1.5 20-step sample at 512 px on the GPU ($BENCH_MODEL)"
+  target/release/sdkit sample --model "$BENCH_MODEL" --prompt "a photo of a cat" --seed 1 \
+    --steps 20 --device cuda --out "$tmp/sample-bench" --json | grep -o '"seconds": *[0-9.e-]*'
   echo "== SD1.5 LoRA dim 32 step at 512 px on the GPU ($BENCH_MODEL)"
   target/release/sdkit train lora --model "$BENCH_MODEL" --data "${BENCH_DATA:?}" --out "$tmp/bench" \
     --network-dim 32 --network-alpha 16 --learning-rate 1e-4 --max-train-steps 10 \

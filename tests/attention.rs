@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use sdkit::model::attention::{attention_naive, attention_tiled};
+use sdkit::model::attention::{attention_naive, attention_recompute, attention_tiled};
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     common::rel_err(a, b, 0.0)
@@ -18,6 +18,19 @@ const OUT_TOL: f64 = 1e-5;
 /// q/k/v gradients: measured 1.1e-7..2.7e-7 (376x margin).
 const GRAD_TOL: f64 = 1e-4;
 
+type Attn = fn(&Tensor, &Tensor, &Tensor, f64, usize, usize) -> sdkit::model::Result<Tensor>;
+
+fn recompute(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bq: usize,
+    bk: usize,
+) -> sdkit::model::Result<Tensor> {
+    Ok(attention_recompute(q, k, v, scale, bq, bk)?)
+}
+
 #[test]
 fn tiled_attention_matches_pytorch_sdpa() {
     let path = concat!(
@@ -26,15 +39,23 @@ fn tiled_attention_matches_pytorch_sdpa() {
     );
     let f = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
     let scale = 1.0 / 4.0;
-    // (bq, bk): one tile each way, uneven tiles, and one-row tiles.
-    for (bq, bk) in [(256, 1024), (16, 10), (1, 7)] {
+    // (bq, bk): one tile each way, uneven tiles, and one-row tiles; the CPU's fused f32
+    // kernels and the tensor-op tiles with recompute that CUDA runs.
+    let paths: [(&str, Attn); 2] = [("fused", attention_tiled), ("recompute", recompute)];
+    for ((bq, bk), (path, attend)) in [(256, 1024), (16, 10), (1, 7)]
+        .into_iter()
+        .flat_map(|t| paths.map(|p| (t, p)))
+    {
         let q = Var::from_tensor(&f["q"]).unwrap();
         let k = Var::from_tensor(&f["k"]).unwrap();
         let v = Var::from_tensor(&f["v"]).unwrap();
-        let out =
-            attention_tiled(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, bq, bk).unwrap();
+        let out = attend(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, bq, bk).unwrap();
         let e = rel_err(&out, &f["out"]);
-        common::within(e as f64, OUT_TOL, &format!("tiles {bq}x{bk}: output"));
+        common::within(
+            e as f64,
+            OUT_TOL,
+            &format!("{path} tiles {bq}x{bk}: output"),
+        );
         let grads = (out * &f["r"])
             .unwrap()
             .sum_all()
@@ -43,7 +64,11 @@ fn tiled_attention_matches_pytorch_sdpa() {
             .unwrap();
         for (x, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
             let e = rel_err(grads.get(x.as_tensor()).unwrap(), &f[name]);
-            common::within(e as f64, GRAD_TOL, &format!("tiles {bq}x{bk}: {name}"));
+            common::within(
+                e as f64,
+                GRAD_TOL,
+                &format!("{path} tiles {bq}x{bk}: {name}"),
+            );
         }
     }
     let naive = attention_naive(&f["q"], &f["k"], &f["v"], scale).unwrap();

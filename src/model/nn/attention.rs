@@ -1,25 +1,24 @@
 //! Memory-efficient attention: the N x Lq x Lk score matrix is never held, with its own
 //! backward that recomputes scores (FlashAttention-style).
 //!
-//! Inputs are [N, L, D] with N = batch x heads. On the CPU it runs as a candle CustomOp:
-//! f32 with head dims that are multiples of 8 on AVX2 through `attention_fast` (own
-//! register tiles, softmax in the tile epilogues, the forward's log-sum-exp kept for the
-//! backward), other f32 through the fused kernels of `attention_cpu` (one block of query
-//! rows x all keys at a time, GEMM + one-pass softmax); other dtypes tiled over queries and keys with an online
-//! softmax in candle tensor ops (one bq x bk tile per batch-head). Other devices use
-//! [`attention_chunked`], which bounds memory by query chunks but keeps them for backprop.
+//! Inputs are [N, L, D] with N = batch x heads. f32 on the CPU runs as a candle CustomOp:
+//! head dims that are multiples of 8 on AVX2 through `attention_fast` (own register tiles,
+//! softmax in the tile epilogues, the forward's log-sum-exp kept for the backward), other
+//! shapes through the fused kernels of `attention_cpu` (one block of query rows x all keys
+//! at a time, GEMM + one-pass softmax). Every other device and dtype (CUDA above all) runs
+//! `attention_generic`: query x key tiles in tensor ops with an online softmax, the
+//! log-sum-exp saved, and the tiles recomputed in the backward.
 
 use super::attention_cpu as fused;
-use super::grad::{cpu_storage, cpu_tensor};
+pub use super::attention_generic::attention_recompute;
+use super::attention_generic::query_rows_for;
 use crate::model::Result;
 use crate::model::nn::softmax_last_dim;
-use candle_core::{CpuStorage, D, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor};
 
-/// Tile sizes: queries and keys per tile.
+/// Tile sizes on the CPU: queries and keys per tile.
 const BQ: usize = 64;
 const BK: usize = 1024;
-/// Query rows per chunk of the device-independent fallback.
-const CHUNK: usize = 256;
 
 /// Plain attention `softmax(q k^T * scale) v` (materialises N x Lq x Lk): the reference.
 pub fn attention_naive(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
@@ -29,10 +28,16 @@ pub fn attention_naive(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
 
 /// Memory-efficient attention with a backward for q, k and v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    attention_tiled(q, k, v, scale, BQ, BK)
+    if q.device().is_cpu() {
+        return attention_tiled(q, k, v, scale, BQ, BK);
+    }
+    // A GPU: few, large tiles (each one a handful of kernel launches); all keys at once.
+    let (n, lk) = (q.dim(0)?, k.dim(1)?);
+    attention_tiled(q, k, v, scale, query_rows_for(n, lk), lk)
 }
 
-/// [`attention`] with explicit tile sizes (queries `bq`, keys `bk` per tile).
+/// [`attention`] with explicit tile sizes (queries `bq`, keys `bk` per tile; the f32 CPU
+/// kernels choose their own key blocks).
 pub fn attention_tiled(
     q: &Tensor,
     k: &Tensor,
@@ -41,44 +46,29 @@ pub fn attention_tiled(
     bq: usize,
     bk: usize,
 ) -> Result<Tensor> {
-    if !q.device().is_cpu() {
-        return attention_chunked(q, k, v, scale);
+    let f32s = [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    if !(q.device().is_cpu() && f32s) {
+        return Ok(attention_recompute(q, k, v, scale, bq, bk)?);
     }
-    let op = MemEffAttention::new(scale, bq, bk);
+    let op = MemEffAttention::new(scale, bq);
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
-/// Query-chunked attention from differentiable ops (device independent fallback).
-pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let lq = q.dim(1)?;
-    let mut outs = Vec::new();
-    for s in (0..lq).step_by(CHUNK) {
-        let qi = q.narrow(1, s, CHUNK.min(lq - s))?;
-        outs.push(attention_naive(&qi, k, v, scale)?);
-    }
-    Ok(Tensor::cat(&outs, 1)?)
-}
-
+/// f32 attention on the CPU through the fused kernels.
 struct MemEffAttention {
     scale: f64,
     bq: usize,
-    bk: usize,
     /// The forward's row log-sum-exp [N, Lq] where the AVX2 kernels ran it (their
     /// backward then recomputes probabilities in one pass).
     lse: std::sync::Mutex<Vec<f32>>,
 }
 
-fn blocks(len: usize, b: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..len).step_by(b).map(move |s| (s, b.min(len - s)))
-}
-
 impl MemEffAttention {
-    fn new(scale: f64, bq: usize, bk: usize) -> Self {
+    fn new(scale: f64, bq: usize) -> Self {
         Self {
             scale,
             bq: bq.max(1),
-            bk: bk.max(1),
             lse: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -102,98 +92,6 @@ impl MemEffAttention {
                 "attention: incompatible shapes q {q:?}, k {k:?}, v {v:?}"
             ))),
         }
-    }
-
-    /// Output block and its row log-sum-exp for queries `qi` [N, bq, D] (online softmax).
-    fn forward_block(&self, qi: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (n, bq, _) = qi.dims3()?;
-        let dv = v.dim(2)?;
-        let mut m =
-            Tensor::full(f32::NEG_INFINITY, (n, bq, 1), qi.device())?.to_dtype(qi.dtype())?;
-        let mut l = Tensor::zeros((n, bq, 1), qi.dtype(), qi.device())?;
-        let mut acc = Tensor::zeros((n, bq, dv), qi.dtype(), qi.device())?;
-        for (s, len) in blocks(k.dim(1)?, self.bk) {
-            let kj = k.narrow(1, s, len)?;
-            let vj = v.narrow(1, s, len)?;
-            let sc = (qi.matmul(&kj.t()?)? * self.scale)?;
-            let m_new = m.maximum(&sc.max_keepdim(D::Minus1)?)?;
-            let p = sc.broadcast_sub(&m_new)?.exp()?;
-            let corr = (m - &m_new)?.exp()?;
-            l = (l * &corr)?.add(&p.sum_keepdim(D::Minus1)?)?;
-            acc = acc.broadcast_mul(&corr)?.add(&p.matmul(&vj)?)?;
-            m = m_new;
-        }
-        let out = acc.broadcast_div(&l)?;
-        let lse = (m + l.log()?)?;
-        Ok((out, lse))
-    }
-
-    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let mut outs = Vec::new();
-        for (s, len) in blocks(q.dim(1)?, self.bq) {
-            outs.push(self.forward_block(&q.narrow(1, s, len)?, k, v)?.0);
-        }
-        Ok(Tensor::cat(&outs, 1)?)
-    }
-
-    /// Gradients for q and, when `want_kv`, k and v, from tiles recomputed with the row
-    /// log-sum-exp. (Cross-attention over a frozen text encoder needs only dq.)
-    fn backward(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        d_o: &Tensor,
-        want_kv: bool,
-    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-        let delta = (d_o * o)?.sum_keepdim(D::Minus1)?;
-        let lk = k.dim(1)?;
-        let kb: Vec<(usize, usize)> = blocks(lk, self.bk).collect();
-        let mut dk: Vec<Option<Tensor>> = vec![None; kb.len()];
-        let mut dv: Vec<Option<Tensor>> = vec![None; kb.len()];
-        let mut dq = Vec::new();
-        let add = |slot: &mut Option<Tensor>, t: Tensor| -> Result<()> {
-            *slot = Some(match slot.take() {
-                None => t,
-                Some(s) => (s + t)?,
-            });
-            Ok(())
-        };
-        for (s, len) in blocks(q.dim(1)?, self.bq) {
-            let qi = q.narrow(1, s, len)?;
-            let doi = d_o.narrow(1, s, len)?;
-            let di = delta.narrow(1, s, len)?;
-            let (_, lse) = self.forward_block(&qi, k, v)?;
-            let mut dqi: Option<Tensor> = None;
-            for (j, &(ks, kl)) in kb.iter().enumerate() {
-                let kj = k.narrow(1, ks, kl)?;
-                let vj = v.narrow(1, ks, kl)?;
-                let p = (qi.matmul(&kj.t()?)? * self.scale)?
-                    .broadcast_sub(&lse)?
-                    .exp()?;
-                if want_kv {
-                    add(&mut dv[j], p.t()?.matmul(&doi)?)?;
-                }
-                let dp = doi.matmul(&vj.t()?)?;
-                let ds = (p * dp.broadcast_sub(&di)?)?;
-                add(&mut dqi, (ds.matmul(&kj)? * self.scale)?)?;
-                if want_kv {
-                    add(&mut dk[j], (ds.t()?.matmul(&qi)? * self.scale)?)?;
-                }
-            }
-            dq.push(dqi.expect("at least one key block"));
-        }
-        let cat = |v: Vec<Option<Tensor>>| -> Result<Tensor> {
-            let v: Vec<Tensor> = v.into_iter().map(|t| t.expect("filled")).collect();
-            Ok(Tensor::cat(&v, 1)?)
-        };
-        let dkv = if want_kv {
-            Some((cat(dk)?, cat(dv)?))
-        } else {
-            None
-        };
-        Ok((Tensor::cat(&dq, 1)?, dkv))
     }
 }
 
@@ -239,13 +137,6 @@ fn grads(
     })
 }
 
-fn to_candle<T>(r: Result<T>) -> candle_core::Result<T> {
-    r.map_err(|e| match e {
-        crate::model::ModelError::Candle(e) => e,
-        e => candle_core::Error::Msg(e.to_string()),
-    })
-}
-
 impl candle_core::CustomOp3 for MemEffAttention {
     fn name(&self) -> &'static str {
         "mem-eff-attention"
@@ -283,12 +174,9 @@ impl candle_core::CustomOp3 for MemEffAttention {
             );
             return Ok((CpuStorage::F32(out), Shape::from((dm.n, dm.lq, dm.dv))));
         }
-        let (q, k, v) = (
-            cpu_tensor(s1, l1)?,
-            cpu_tensor(s2, l2)?,
-            cpu_tensor(s3, l3)?,
-        );
-        cpu_storage(&to_candle(self.forward(&q, &k, &v))?)
+        Err(candle_core::Error::Msg(
+            "attention: the fused CPU kernels take f32 only".into(),
+        ))
     }
 
     fn bwd(
@@ -302,53 +190,44 @@ impl candle_core::CustomOp3 for MemEffAttention {
         // Gradients only for inputs backprop tracks: a frozen operand's would be computed
         // and then held in the GradStore for nothing.
         let want_kv = k.track_op() || v.track_op();
-        if q.dtype() == DType::F32 && q.device().is_cpu() {
-            let dm = self.dims(q.dims(), k.dims(), v.dims())?;
-            let g = grad_res.contiguous()?;
-            let (sq, lq) = q.storage_and_layout();
-            let (sk, lk) = k.storage_and_layout();
-            let (sv, lv) = v.storage_and_layout();
-            let (sg, lg) = g.storage_and_layout();
-            #[cfg(target_arch = "x86_64")]
-            if super::attention_fast::applies(&dm) {
-                let res = res.contiguous()?;
-                let (so, lo) = res.storage_and_layout();
-                let lse = self.lse.lock().map_err(|_| poisoned())?;
-                let (dq, dkv) = super::attention_fast::backward(
-                    (
-                        f32_of(&sq, lq)?,
-                        f32_of(&sk, lk)?,
-                        f32_of(&sv, lv)?,
-                        f32_of(&so, lo)?,
-                        f32_of(&sg, lg)?,
-                    ),
-                    Some(lse.as_slice()),
-                    dm,
-                    self.scale as f32,
-                    want_kv,
-                );
-                return grads((q, k, v), dq, dkv);
-            }
-            let (dq, dkv) = fused::backward(
+        let dm = self.dims(q.dims(), k.dims(), v.dims())?;
+        let g = grad_res.contiguous()?;
+        let (sq, lq) = q.storage_and_layout();
+        let (sk, lk) = k.storage_and_layout();
+        let (sv, lv) = v.storage_and_layout();
+        let (sg, lg) = g.storage_and_layout();
+        #[cfg(target_arch = "x86_64")]
+        if super::attention_fast::applies(&dm) {
+            let res = res.contiguous()?;
+            let (so, lo) = res.storage_and_layout();
+            let lse = self.lse.lock().map_err(|_| poisoned())?;
+            let (dq, dkv) = super::attention_fast::backward(
                 (
                     f32_of(&sq, lq)?,
                     f32_of(&sk, lk)?,
                     f32_of(&sv, lv)?,
+                    f32_of(&so, lo)?,
                     f32_of(&sg, lg)?,
                 ),
+                Some(lse.as_slice()),
                 dm,
                 self.scale as f32,
                 want_kv,
             );
             return grads((q, k, v), dq, dkv);
         }
-        let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), res.detach());
-        let (dq, dkv) = to_candle(self.backward(&q, &k, &v, &o, &grad_res.detach(), want_kv))?;
-        let (dk, dv) = match dkv {
-            Some((dk, dv)) => (Some(dk), Some(dv)),
-            None => (None, None),
-        };
-        Ok((Some(dq), dk, dv))
+        let (dq, dkv) = fused::backward(
+            (
+                f32_of(&sq, lq)?,
+                f32_of(&sk, lk)?,
+                f32_of(&sv, lv)?,
+                f32_of(&sg, lg)?,
+            ),
+            dm,
+            self.scale as f32,
+            want_kv,
+        );
+        grads((q, k, v), dq, dkv)
     }
 }
 
@@ -390,11 +269,11 @@ mod tests {
             .unwrap()
     }
 
-    /// Several query and key tiles (uneven last tiles) against the naive version: output and
-    /// gradients of q, k, v.
+    /// The fused kernels with several query blocks (uneven last block) against the naive
+    /// version: output and gradients of q, k, v; and the tensor-op tiles agree with them.
     #[test]
     fn tiled_matches_naive_forward_and_backward() {
-        let op = || MemEffAttention::new(0.3, 7, 5);
+        let op = || MemEffAttention::new(0.3, 7);
         let (n, lq, lk, d) = (3, 19, 23, 8);
         let q = Var::from_tensor(&randn(&[n, lq, d], 1)).unwrap();
         let k = Var::from_tensor(&randn(&[n, lk, d], 2)).unwrap();
@@ -417,7 +296,7 @@ mod tests {
         }
         let e = max_rel(
             &attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3).unwrap(),
-            &attention_chunked(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3).unwrap(),
+            &attention_recompute(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3, 4, 6).unwrap(),
         );
         assert!(e < 1e-5);
     }
@@ -433,7 +312,7 @@ mod tests {
             (9, 16, 8, 80, 4),
             (11, 600, 16, 8, 6),
         ] {
-            let op = || MemEffAttention::new(0.2, bq, 5);
+            let op = || MemEffAttention::new(0.2, bq);
             #[cfg(target_arch = "x86_64")]
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 let dm = op().dims(&[2, lq, d], &[2, lk, d], &[2, lk, dv]).unwrap();
@@ -476,7 +355,7 @@ mod tests {
     /// gradient is unchanged and no k / v gradient is computed or stored.
     #[test]
     fn frozen_keys_and_values_get_no_gradient() {
-        let op = || MemEffAttention::new(0.3, 7, 5);
+        let op = || MemEffAttention::new(0.3, 7);
         let q = Var::from_tensor(&randn(&[2, 11, 8], 1)).unwrap();
         let (k, v) = (randn(&[2, 9, 8], 2), randn(&[2, 9, 6], 3));
         let r = randn(&[2, 11, 6], 4);
@@ -490,5 +369,107 @@ mod tests {
         );
         assert!(e < 1e-5, "gradient rel err {e}");
         assert!(g1.get(&k).is_none() && g1.get(&v).is_none());
+    }
+
+    /// The tensor-op tiles with recompute (the CUDA path, forced here on the CPU): one tile,
+    /// uneven query and key tiles and one-row tiles against naive attention, output and
+    /// q / k / v gradients; frozen k / v get none; untracked inputs record no op.
+    #[test]
+    fn recompute_tiles_match_naive() {
+        let (n, lq, lk, d, dv) = (3, 19, 23, 8, 6);
+        let q = Var::from_tensor(&randn(&[n, lq, d], 1)).unwrap();
+        let k = Var::from_tensor(&randn(&[n, lk, d], 2)).unwrap();
+        let v = Var::from_tensor(&randn(&[n, lk, dv], 3)).unwrap();
+        let r = randn(&[n, lq, dv], 4);
+        let naive = attention_naive(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3).unwrap();
+        let g2 = (&naive * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (bq, bk) in [(64, 64), (7, 5), (1, 1), (19, 4)] {
+            let ours =
+                attention_recompute(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3, bq, bk)
+                    .unwrap();
+            assert!(max_rel(&ours, &naive) < 1e-5, "tiles {bq}x{bk}: output");
+            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (x, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
+                let e = max_rel(
+                    g1.get(x.as_tensor()).unwrap(),
+                    g2.get(x.as_tensor()).unwrap(),
+                );
+                assert!(e < 1e-5, "tiles {bq}x{bk}: {name} rel err {e}");
+            }
+        }
+        let (kf, vf) = (k.as_tensor().detach(), v.as_tensor().detach());
+        let ours = attention_recompute(q.as_tensor(), &kf, &vf, 0.3, 7, 5).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g1.get(&kf).is_none() && g1.get(&vf).is_none());
+        let e = max_rel(
+            g1.get(q.as_tensor()).unwrap(),
+            g2.get(q.as_tensor()).unwrap(),
+        );
+        assert!(e < 1e-5, "frozen k / v: dq rel err {e}");
+        let qf = q.as_tensor().detach();
+        let out = attention_recompute(&qf, &kf, &vf, 0.3, 7, 5).unwrap();
+        assert!(!out.track_op());
+    }
+
+    /// Half-precision inputs (as CUDA training in f16 runs them): f32 softmax statistics
+    /// keep the output and gradients within f16 rounding of the f32 result; a softmax in
+    /// f16 would lose the small probabilities of 600 keys.
+    #[test]
+    fn recompute_tiles_in_f16() {
+        let (n, lq, lk, d) = (2, 33, 600, 16);
+        let (q, k, v) = (
+            randn(&[n, lq, d], 5),
+            randn(&[n, lk, d], 6),
+            randn(&[n, lk, d], 7),
+        );
+        let r = randn(&[n, lq, d], 8);
+        let naive = attention_naive(&q, &k, &v, 0.25).unwrap();
+        let half = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F16).unwrap()).unwrap();
+        let (qh, kh, vh) = (half(&q), half(&k), half(&v));
+        let out = attention_recompute(
+            qh.as_tensor(),
+            kh.as_tensor(),
+            vh.as_tensor(),
+            0.25,
+            16,
+            128,
+        )
+        .unwrap();
+        assert_eq!(out.dtype(), DType::F16);
+        let e = max_rel(&out.to_dtype(DType::F32).unwrap(), &naive);
+        assert!(e < 5e-3, "f16 output rel err {e}");
+        let g1 = (out * r.to_dtype(DType::F16).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (qv, kv, vv) = (
+            Var::from_tensor(&q).unwrap(),
+            Var::from_tensor(&k).unwrap(),
+            Var::from_tensor(&v).unwrap(),
+        );
+        let reference =
+            attention_naive(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), 0.25).unwrap();
+        let g2 = (reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (h, f, name) in [(&qh, &qv, "dq"), (&kh, &kv, "dk"), (&vh, &vv, "dv")] {
+            let gh = g1.get(h.as_tensor()).unwrap();
+            assert_eq!(gh.dtype(), DType::F16);
+            let e = max_rel(
+                &gh.to_dtype(DType::F32).unwrap(),
+                g2.get(f.as_tensor()).unwrap(),
+            );
+            assert!(e < 1e-2, "f16 {name} rel err {e}");
+        }
     }
 }

@@ -307,24 +307,6 @@ impl CustomOp1 for Precomputed {
     }
 }
 
-/// A CPU storage (contiguous layout) viewed as a (copied) tensor.
-pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("custom op: non-contiguous input".into()))?;
-    let dev = Device::Cpu;
-    match s {
-        CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
-        CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
-        CpuStorage::F16(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
-        CpuStorage::BF16(v) => Tensor::from_slice(&v[a..b], l.shape().clone(), &dev),
-        s => Err(candle_core::Error::Msg(format!(
-            "custom op: unsupported dtype {:?}",
-            candle_core::backend::BackendStorage::dtype(s)
-        ))),
-    }
-}
-
 /// A CPU tensor's elements as a fresh storage (for a custom op's forward result).
 pub(crate) fn cpu_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
     let (s, l) = t.storage_and_layout();

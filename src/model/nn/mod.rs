@@ -6,6 +6,7 @@ pub mod attention;
 mod attention_cpu;
 #[cfg(target_arch = "x86_64")]
 mod attention_fast;
+mod attention_generic;
 pub mod checkpoint;
 mod conv_cpu;
 mod fastmath;
