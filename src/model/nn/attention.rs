@@ -62,6 +62,9 @@ struct MemEffAttention {
     /// The forward's row log-sum-exp [N, Lq] where the AVX2 kernels ran it (their
     /// backward then recomputes probabilities in one pass).
     lse: std::sync::Mutex<Vec<f32>>,
+    /// The register tiles those kernels use: the widest the CPU has.
+    #[cfg(target_arch = "x86_64")]
+    isa: super::attention_fast::Isa,
 }
 
 impl MemEffAttention {
@@ -70,7 +73,15 @@ impl MemEffAttention {
             scale,
             bq: bq.max(1),
             lse: std::sync::Mutex::new(Vec::new()),
+            #[cfg(target_arch = "x86_64")]
+            isa: super::attention_fast::Isa::best(),
         }
+    }
+
+    /// The same op on narrower register tiles (tests cover each width the CPU has).
+    #[cfg(all(test, target_arch = "x86_64"))]
+    fn with_isa(self, isa: super::attention_fast::Isa) -> Self {
+        Self { isa, ..self }
     }
 
     /// Sizes for the fused kernel from q [N, Lq, D], k [N, Lk, D], v [N, Lk, Dv].
@@ -156,6 +167,7 @@ impl candle_core::CustomOp3 for MemEffAttention {
             #[cfg(target_arch = "x86_64")]
             if super::attention_fast::applies(&dm) {
                 let (out, lse) = super::attention_fast::forward(
+                    self.isa,
                     f32_slice(a, l1)?,
                     f32_slice(b, l2)?,
                     f32_slice(c, l3)?,
@@ -202,6 +214,7 @@ impl candle_core::CustomOp3 for MemEffAttention {
             let (so, lo) = res.storage_and_layout();
             let lse = self.lse.lock().map_err(|_| poisoned())?;
             let (dq, dkv) = super::attention_fast::backward(
+                self.isa,
                 (
                     f32_of(&sq, lq)?,
                     f32_of(&sk, lk)?,
@@ -301,18 +314,35 @@ mod tests {
         assert!(e < 1e-5);
     }
 
-    /// The AVX2 kernels (head dims multiples of 8, 5- and 4-vector column chunks, uneven
-    /// query blocks and key panels) against the naive version, with trainable and frozen
-    /// keys / values; on a CPU without AVX2 this checks the portable path instead.
+    /// The register-tile kernels (head dims multiples of 8, 4- and 5-vector column chunks
+    /// with and without a half vector at the end, uneven query blocks and key panels)
+    /// against the naive version, with trainable and frozen keys / values, on the widest
+    /// tiles this CPU has; on a CPU without AVX2 this checks the portable path instead.
     #[test]
     fn fast_kernels_match_naive() {
+        check_fast_kernels(&MemEffAttention::new);
+    }
+
+    /// The same on the 8-lane AVX2 tiles, where the CPU also has wider ones.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_tiles_match_naive() {
+        use super::super::attention_fast::Isa;
+        if Isa::best() != Isa::Avx2 && Isa::Avx2.available() {
+            check_fast_kernels(&|s, bq| MemEffAttention::new(s, bq).with_isa(Isa::Avx2));
+        }
+    }
+
+    fn check_fast_kernels(make: &dyn Fn(f64, usize) -> MemEffAttention) {
         for (lq, lk, d, dv, bq) in [
             (37, 45, 40, 24, 7),
             (20, 77, 64, 16, 64),
             (9, 16, 8, 80, 4),
             (11, 600, 16, 8, 6),
+            (13, 50, 120, 160, 9),
+            (70, 33, 96, 40, 64),
         ] {
-            let op = || MemEffAttention::new(0.2, bq);
+            let op = || make(0.2, bq);
             #[cfg(target_arch = "x86_64")]
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 let dm = op().dims(&[2, lq, d], &[2, lk, d], &[2, lk, dv]).unwrap();

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use std::arch::x86_64::*;
 
 /// Keys per packed panel (two 8-lane vectors).
-const PANEL: usize = 16;
+pub(super) const PANEL: usize = 16;
 
 /// Keys per block of the backward's outer loop (a multiple of [`PANEL`]): a block's dK
 /// and dV rows (40 KB each at head dim 40) and a 64-query tile of its scores stay in L2.
@@ -42,6 +42,32 @@ pub(crate) fn applies(dm: &Dims) -> bool {
         && is_x86_feature_detected!("fma")
 }
 
+/// Which register tiles run: 8-lane AVX2 + FMA, or 16-lane AVX-512F where the CPU has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The widest this CPU runs (callers have checked [`applies`]).
+    pub(crate) fn best() -> Self {
+        if is_x86_feature_detected!("avx512f") {
+            Isa::Avx512
+        } else {
+            Isa::Avx2
+        }
+    }
+
+    /// Whether this CPU runs these tiles.
+    pub(crate) fn available(self) -> bool {
+        match self {
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+        }
+    }
+}
+
 /// Row stride of a score block: whole panels plus one (see the module docs).
 fn padded(lk: usize) -> usize {
     lk.div_ceil(PANEL) * PANEL + PANEL
@@ -50,7 +76,7 @@ fn padded(lk: usize) -> usize {
 /// What a register tile does with its products `acc` (row `i`, columns `j..j+8`) when it
 /// stores them. Pointers are rebased to the tile's first row / column by [`Epi::at`].
 #[derive(Clone, Copy)]
-enum Epi {
+pub(super) enum Epi {
     /// `C = [C +] alpha * acc`.
     Scale { alpha: f32, accumulate: bool },
     /// `C = acc`, and `max[i]` raised to the row's largest product.
@@ -67,7 +93,7 @@ impl Epi {
     ///
     /// # Safety
     /// The offsets stay inside the allocations the pointers came from.
-    unsafe fn at(self, i: usize, j: usize, rs: usize) -> Self {
+    pub(super) unsafe fn at(self, i: usize, j: usize, rs: usize) -> Self {
         // SAFETY: the caller's contract.
         unsafe {
             match self {
@@ -244,10 +270,10 @@ unsafe fn rows<const MR: usize, const NV: usize>(
 
 /// A matrix read through strides: element (i, j) at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-struct Strided<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub(super) struct Strided<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) rs: usize,
+    pub(super) cs: usize,
 }
 
 impl<'a> Strided<'a> {
@@ -277,6 +303,7 @@ impl<'a> Strided<'a> {
 /// `C (m x n) = [C +] alpha * A (m x k) B (k x n)` with B's rows contiguous (`b_rs` apart)
 /// and `n` a multiple of 8: the head-dim-wide products.
 fn gemm_wide(
+    isa: Isa,
     (m, n, k): (usize, usize, usize),
     a: Strided,
     (b, b_rs): (&[f32], usize),
@@ -290,10 +317,19 @@ fn gemm_wide(
     if m == 0 || n == 0 {
         return;
     }
+    let epi = Epi::Scale { alpha, accumulate };
+    if isa == Isa::Avx512 {
+        // SAFETY: the asserts bound every operand as that function requires; AVX-512F was
+        // checked when `isa` was chosen.
+        unsafe {
+            let (bp, cp) = ((b.as_ptr(), b_rs), (c.as_mut_ptr(), c_rs));
+            super::attention_avx512::gemm_wide((m, n, k), a, bp, cp, epi);
+        }
+        return;
+    }
     let vecs = n / 8;
     // Column chunks of 5 vectors where that divides evenly (head dims 40, 80, 160), else 4.
     let width = if vecs % 5 == 0 || vecs < 4 { 5 } else { 4 };
-    let epi = Epi::Scale { alpha, accumulate };
     let mut j = 0;
     while j < vecs {
         let nv = width.min(vecs - j);
@@ -344,6 +380,7 @@ enum PanelEpi<'a> {
 /// `C (m x 16*panels, row stride c_rs) = epi(A (m x d) x^T)` with `x` from
 /// [`pack_panels`].
 fn gemm_panels(
+    isa: Isa,
     (m, d): (usize, usize),
     a: &[f32],
     panels: &[f32],
@@ -376,6 +413,14 @@ fn gemm_panels(
             }
         }
     };
+    if isa == Isa::Avx512 {
+        // SAFETY: as below, for all np panels; AVX-512F was checked when `isa` was chosen.
+        unsafe {
+            let (ap, pp, cp) = (a.as_ptr(), panels.as_ptr(), c.as_mut_ptr());
+            super::attention_avx512::gemm_panels((m, d, np), ap, pp, (cp, c_rs), epi);
+        }
+        return;
+    }
     for p in 0..np {
         // SAFETY: panel p holds d x 16 floats; rows 0..m of `a` (d wide), of C and of the
         // epilogue's P (columns 16p..16p+16 <= width) and its per-row arrays are in bounds
@@ -395,20 +440,32 @@ fn gemm_panels(
 
 /// Unnormalised probabilities `exp(scale * (s - max))` of a score block in place (row
 /// stride `lkp`, `lk` keys) and each row's log-sum-exp and sum.
-fn exp_rows(s: &mut [f32], (lk, lkp): (usize, usize), max: &[f32], scale: f32) -> Vec<(f32, f32)> {
+fn exp_rows(
+    isa: Isa,
+    s: &mut [f32],
+    (lk, lkp): (usize, usize),
+    max: &[f32],
+    scale: f32,
+) -> Vec<(f32, f32)> {
     s.chunks_mut(lkp)
         .zip(max)
         .map(|(row, &m)| {
-            let sum = exp_sum(&mut row[..lk], scale, m * scale);
+            let sum = exp_sum(isa, &mut row[..lk], scale, m * scale);
             (m * scale + sum.ln(), sum)
         })
         .collect()
 }
 
 /// `x = exp(scale * x - shift)` in place; returns the sum.
-fn exp_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
-    // SAFETY: AVX2 + FMA were checked by `applies` before any caller got here.
-    unsafe { exp_sum_avx2(x, scale, shift) }
+fn exp_sum(isa: Isa, x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    // SAFETY: AVX2 + FMA were checked by `applies` before any caller got here, AVX-512F
+    // when `isa` was chosen.
+    unsafe {
+        match isa {
+            Isa::Avx2 => exp_sum_avx2(x, scale, shift),
+            Isa::Avx512 => super::attention_avx512::exp_sum(x, scale, shift),
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -438,6 +495,7 @@ fn exp_sum_avx2(x: &mut [f32], scale: f32, shift: f32) -> f32 {
 /// Attention output [N, Lq, Dv] and each query row's log-sum-exp of the scaled scores
 /// [N, Lq] (see `attention_cpu::forward`).
 pub(crate) fn forward(
+    isa: Isa,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -477,9 +535,17 @@ pub(crate) fn forward(
             let q_blk = &q[r0 * dm.d..(r0 + bq) * dm.d];
             let vh = &v[h * dm.lk * dm.dv..(h + 1) * dm.lk * dm.dv];
             let mut max = vec![f32::NEG_INFINITY; bq];
-            gemm_panels((bq, dm.d), q_blk, &kp[h], (p, lkp), PanelEpi::Max(&mut max));
-            let ls = exp_rows(p, (dm.lk, lkp), &max, scale);
+            gemm_panels(
+                isa,
+                (bq, dm.d),
+                q_blk,
+                &kp[h],
+                (p, lkp),
+                PanelEpi::Max(&mut max),
+            );
+            let ls = exp_rows(isa, p, (dm.lk, lkp), &max, scale);
             gemm_wide(
+                isa,
                 (bq, dm.dv, dm.lk),
                 Strided::rows(p, lkp),
                 (vh, dm.dv),
@@ -514,6 +580,7 @@ type KvGrads = Option<(Vec<f32>, Vec<f32>)>;
 /// each one panel product with the softmax in its epilogue, then `dQ += scale dS K`,
 /// `dV += P^T dO`, `dK += scale dS^T Q`.
 pub(crate) fn backward(
+    isa: Isa,
     (q, k, v, o, d_o): Inputs,
     lse: Option<&[f32]>,
     dm: Dims,
@@ -540,7 +607,7 @@ pub(crate) fn backward(
         let (kp, vp) = (pack_panels(kh, dm.lk, dm.d), pack_panels(vh, dm.lk, dm.dv));
         let lse_h: Vec<f32> = match lse {
             Some(l) => l[rows.clone()].to_vec(),
-            None => head_lse(q_h, &kp, &dm, scale),
+            None => head_lse(isa, q_h, &kp, &dm, scale),
         };
         let delta: Vec<f32> = do_h
             .chunks_exact(dm.dv)
@@ -564,21 +631,29 @@ pub(crate) fn backward(
                     scale,
                     lse: &lse_h[r0..r0 + bq],
                 };
-                gemm_panels((bq, dm.d), q_blk, kp_blk, (&mut p, bkp), exp);
+                gemm_panels(isa, (bq, dm.d), q_blk, kp_blk, (&mut p, bkp), exp);
                 let dsm = PanelEpi::DSoftmax {
                     p: &p,
                     delta: &delta[r0..r0 + bq],
                 };
-                gemm_panels((bq, dm.dv), do_blk, vp_blk, (&mut ds, bkp), dsm);
+                gemm_panels(isa, (bq, dm.dv), do_blk, vp_blk, (&mut ds, bkp), dsm);
                 let ds_rows = Strided::rows(&ds, bkp);
                 let dqc = (&mut dq_blk[..], dm.d);
-                gemm_wide((bq, dm.d, kl), ds_rows, (k_blk, dm.d), dqc, scale, k0 > 0);
+                gemm_wide(
+                    isa,
+                    (bq, dm.d, kl),
+                    ds_rows,
+                    (k_blk, dm.d),
+                    dqc,
+                    scale,
+                    k0 > 0,
+                );
                 if let Some((dk_h, dv_h)) = dkv.as_mut() {
                     let (p_t, ds_t) = (Strided::cols(&p, bkp), Strided::cols(&ds, bkp));
                     let dvc = (&mut dv_h[k0 * dm.dv..(k0 + kl) * dm.dv], dm.dv);
-                    gemm_wide((kl, dm.dv, bq), p_t, (do_blk, dm.dv), dvc, 1.0, true);
+                    gemm_wide(isa, (kl, dm.dv, bq), p_t, (do_blk, dm.dv), dvc, 1.0, true);
                     let dkc = (&mut dk_h[k0 * dm.d..(k0 + kl) * dm.d], dm.d);
-                    gemm_wide((kl, dm.d, bq), ds_t, (q_blk, dm.d), dkc, scale, true);
+                    gemm_wide(isa, (kl, dm.d, bq), ds_t, (q_blk, dm.d), dkc, scale, true);
                 }
             }
         }
@@ -599,7 +674,7 @@ pub(crate) fn backward(
 }
 
 /// One head's row log-sum-exp of the scaled scores, as the forward computes it.
-fn head_lse(q_h: &[f32], kp: &[f32], dm: &Dims, scale: f32) -> Vec<f32> {
+fn head_lse(isa: Isa, q_h: &[f32], kp: &[f32], dm: &Dims, scale: f32) -> Vec<f32> {
     let (bqm, lkp) = (dm.bq.max(1), padded(dm.lk));
     let mut s = vec![0f32; bqm * lkp];
     let mut out = Vec::with_capacity(dm.lq);
@@ -607,6 +682,7 @@ fn head_lse(q_h: &[f32], kp: &[f32], dm: &Dims, scale: f32) -> Vec<f32> {
         let bq = q_blk.len() / dm.d;
         let mut max = vec![f32::NEG_INFINITY; bq];
         gemm_panels(
+            isa,
             (bq, dm.d),
             q_blk,
             kp,
@@ -614,7 +690,7 @@ fn head_lse(q_h: &[f32], kp: &[f32], dm: &Dims, scale: f32) -> Vec<f32> {
             PanelEpi::Max(&mut max),
         );
         out.extend(
-            exp_rows(&mut s, (dm.lk, lkp), &max, scale)
+            exp_rows(isa, &mut s, (dm.lk, lkp), &max, scale)
                 .iter()
                 .map(|&(l, _)| l),
         );
@@ -659,18 +735,23 @@ mod tests {
             fill(dm.n * dm.lk * dm.dv, 3),
         );
         let d_o = fill(dm.n * dm.lq * dm.dv, 4);
-        let (o, lse) = forward(&q, &k, &v, dm, 0.3);
-        let saved = backward((&q, &k, &v, &o, &d_o), Some(&lse), dm, 0.3, true);
-        let fresh = backward((&q, &k, &v, &o, &d_o), None, dm, 0.3, true);
-        let (a, b) = (saved.1.unwrap(), fresh.1.unwrap());
-        for (x, y) in [(&saved.0, &fresh.0), (&a.0, &b.0), (&a.1, &b.1)] {
-            let err = x
-                .iter()
-                .zip(y)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0f32, f32::max);
-            assert!(err < 1e-5, "max abs difference {err}");
+        for isa in [Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.available())
+        {
+            let (o, lse) = forward(isa, &q, &k, &v, dm, 0.3);
+            let saved = backward(isa, (&q, &k, &v, &o, &d_o), Some(&lse), dm, 0.3, true);
+            let fresh = backward(isa, (&q, &k, &v, &o, &d_o), None, dm, 0.3, true);
+            let (a, b) = (saved.1.unwrap(), fresh.1.unwrap());
+            for (x, y) in [(&saved.0, &fresh.0), (&a.0, &b.0), (&a.1, &b.1)] {
+                let err = x
+                    .iter()
+                    .zip(y)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-5, "{isa:?}: max abs difference {err}");
+            }
+            assert!(saved.0.iter().any(|&x| x != 0.0));
         }
-        assert!(saved.0.iter().any(|&x| x != 0.0));
     }
 }

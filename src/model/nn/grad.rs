@@ -11,7 +11,7 @@
 //! to backprop. When `x` is not tracked (inference, or layers before the first trainable
 //! one) it is plain `f(x)`: no copy, no graph.
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, Var};
 use std::cell::Cell;
 use std::sync::Mutex;
 
@@ -336,7 +336,7 @@ pub(crate) fn cpu_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     fn t(v: &[f32], shape: &[usize]) -> Tensor {
         Tensor::from_slice(v, shape, &Device::Cpu).unwrap()

@@ -3,6 +3,8 @@
 //! (`grad`), gradient checkpointing (`checkpoint`), and the tiled / fused attention.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx512;
 mod attention_cpu;
 #[cfg(target_arch = "x86_64")]
 mod attention_fast;
