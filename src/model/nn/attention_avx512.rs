@@ -14,9 +14,10 @@ use std::arch::x86_64::*;
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp16(x: __m512) -> __m512 {
+    use super::fastmath::{EXP_BIAS, EXP_POLY, EXP_RANGE, LN2_PARTS};
     let x = _mm512_min_ps(
-        _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
-        _mm512_set1_ps(88.0),
+        _mm512_max_ps(x, _mm512_set1_ps(EXP_RANGE.0)),
+        _mm512_set1_ps(EXP_RANGE.1),
     );
     // Round toward negative infinity, exceptions suppressed.
     let n = _mm512_roundscale_ps::<0x09>(_mm512_fmadd_ps(
@@ -24,17 +25,11 @@ fn exp16(x: __m512) -> __m512 {
         _mm512_set1_ps(std::f32::consts::LOG2_E),
         _mm512_set1_ps(0.5),
     ));
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_2e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_PARTS.0), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_PARTS.1), r);
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
     let e = _mm512_add_ps(
         _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r),
@@ -42,7 +37,7 @@ fn exp16(x: __m512) -> __m512 {
     );
     let bits = _mm512_slli_epi32::<23>(_mm512_castps_si512(_mm512_add_ps(
         n,
-        _mm512_set1_ps(8_388_735.0),
+        _mm512_set1_ps(EXP_BIAS),
     )));
     _mm512_mul_ps(e, _mm512_castsi512_ps(bits))
 }

@@ -60,6 +60,7 @@ impl Isa {
     }
 
     /// Whether this CPU runs these tiles.
+    #[cfg(test)]
     pub(crate) fn available(self) -> bool {
         match self {
             Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
@@ -117,26 +118,21 @@ impl Epi {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn exp8(x: __m256) -> __m256 {
+    use super::fastmath::{EXP_BIAS, EXP_POLY, EXP_RANGE, LN2_PARTS};
     let x = _mm256_min_ps(
-        _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
-        _mm256_set1_ps(88.0),
+        _mm256_max_ps(x, _mm256_set1_ps(EXP_RANGE.0)),
+        _mm256_set1_ps(EXP_RANGE.1),
     );
     let n = _mm256_floor_ps(_mm256_fmadd_ps(
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),
         _mm256_set1_ps(0.5),
     ));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_2e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_PARTS.0), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_PARTS.1), r);
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
     }
     let e = _mm256_add_ps(
         _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r),
@@ -144,7 +140,7 @@ fn exp8(x: __m256) -> __m256 {
     );
     let bits = _mm256_slli_epi32::<23>(_mm256_castps_si256(_mm256_add_ps(
         n,
-        _mm256_set1_ps(8_388_735.0),
+        _mm256_set1_ps(EXP_BIAS),
     )));
     _mm256_mul_ps(e, _mm256_castsi256_ps(bits))
 }

@@ -79,27 +79,42 @@ pub(crate) fn blocked2(a: &[f32], b: &[f32], f: impl Fn(&[f32], &[f32]) -> f32) 
         .sum()
 }
 
+/// [`exp`]'s input range: below, ~1e-38 instead of 0; above, 1.65e38 instead of overflow.
+pub(crate) const EXP_RANGE: (f32, f32) = (-87.0, 88.0);
+/// ln 2 in two parts for the Cody-Waite reduction (the high part exact in few bits).
+pub(crate) const LN2_PARTS: (f32, f32) = (0.693_359_4, -2.121_944_4e-4);
+/// The degree-6 polynomial for `e^r` (|r| <= ln2/2): Horner coefficients from the highest
+/// down to the `r^2` term's (`e^r ~ p(r) r^2 + r + 1`).
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_2e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+/// 2^23 + 127: added to `n`, it puts `n + 127` in the low mantissa bits of an exact float.
+pub(crate) const EXP_BIAS: f32 = 8_388_735.0;
+
 /// `e^x`, branch-free so loops vectorise: Cody-Waite range reduction `x = n ln2 + r` and
 /// the classic degree-6 polynomial for `e^r` on |r| <= ln2/2 (about 1 ulp), times `2^n`
-/// built in the exponent bits. Inputs are clamped to [-87, 88] (below: ~1e-38 instead of
-/// 0; above: 1.65e38 instead of overflow).
+/// built in the exponent bits. Inputs are clamped to [`EXP_RANGE`]. The attention kernels'
+/// SIMD versions use the same constants.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
+    let x = x.clamp(EXP_RANGE.0, EXP_RANGE.1);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_2e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
+    let r = x - n * LN2_PARTS.0 - n * LN2_PARTS.1;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let e = p * r * r + r + 1.0;
     // 2^n from the exponent bits. n + 127 is in [1, 254] (x is clamped); adding 2^23
     // puts it in the low mantissa bits of an exact float, and the shift moves it into the
     // exponent field (the float's own exponent bits shift out). A float-to-int `as` cast
     // here would saturate and check NaN per lane, which LLVM leaves scalar.
-    e * f32::from_bits((n + 8_388_735.0).to_bits() << 23)
+    e * f32::from_bits((n + EXP_BIAS).to_bits() << 23)
 }
 
 /// Maximum in 8 lanes (vectorisable; NaNs are skipped, -inf for an empty slice).
