@@ -724,6 +724,94 @@ pub fn conv2d_s1_kernel_grad(
     }))
 }
 
+/// Input gradient `[B, Cin, h, w]` of a strided `conv2d(x, w, pad, stride)` (dilation 1,
+/// one group) from `dy [B, Cout, OH, OW]`: per image one GEMM `W^T [Cin*k*k, Cout] @ dy`,
+/// then each tap's entries added back to the input pixels they read (col2im with the
+/// stride); pixels no window read (the stride dropped them) get zero. In place of candle's
+/// direct `conv_transpose2d` loop; `None` where these kernels do not apply.
+pub fn conv2d_strided_input_grad(
+    dy: &Tensor,
+    w: &Tensor,
+    (h, wd): (usize, usize),
+    pad: usize,
+    stride: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    let (b, cout, oh, ow) = dy.dims4()?;
+    let (o, cin, k, k1) = w.dims4()?;
+    let out = |n: usize| (n + 2 * pad).checked_sub(k).map(|v| v / stride.max(1) + 1);
+    if !matches!(dy.device(), Device::Cpu)
+        || !matches!(
+            dy.dtype(),
+            candle_core::DType::F32 | candle_core::DType::F64
+        )
+        || dy.dtype() != w.dtype()
+        || o != cout
+        || k != k1
+        || stride < 2
+        || b * cout * cin * k * oh * ow == 0
+        || out(h) != Some(oh)
+        || out(wd) != Some(ow)
+    {
+        return Ok(None);
+    }
+    fn go<T: WithDType>(
+        dy: &Tensor,
+        w: &Tensor,
+        (b, cin, h, wd): (usize, usize, usize, usize),
+        (pad, stride): (usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let (_, cout, oh, ow) = dy.dims4()?;
+        let k = w.dim(2)?;
+        let (kk, hw) = (k * k, oh * ow);
+        let mut dcols = vec![T::from_f64(0.0); b * cin * kk * hw];
+        with_slice(dy, |ds: &[T]| {
+            with_slice(w, |ws: &[T]| {
+                for (src, dst) in ds
+                    .chunks_exact(cout * hw)
+                    .zip(dcols.chunks_exact_mut(cin * kk * hw))
+                {
+                    matmul(
+                        (cin * kk, hw, cout),
+                        dst,
+                        (hw as isize, 1),
+                        false,
+                        Mat::new(ws, 1, (cin * kk) as isize),
+                        Mat::new(src, hw as isize, 1),
+                    );
+                }
+                Ok(())
+            })
+        })?;
+        let mut dx = vec![T::from_f64(0.0); b * cin * h * wd];
+        // Input index of output index `o` for tap `t`, where the window reads the input.
+        let at =
+            |o: usize, t: usize, n: usize| (o * stride + t).checked_sub(pad).filter(|&i| i < n);
+        dx.par_chunks_mut(h * wd).enumerate().for_each(|(bc, dst)| {
+            let taps = &dcols[bc * kk * hw..][..kk * hw];
+            for ty in 0..k {
+                for tx in 0..k {
+                    let src = &taps[(ty * k + tx) * hw..][..hw];
+                    for oy in 0..oh {
+                        let Some(iy) = at(oy, ty, h) else { continue };
+                        let row = &mut dst[iy * wd..][..wd];
+                        for (ox, &v) in src[oy * ow..][..ow].iter().enumerate() {
+                            if let Some(ix) = at(ox, tx, wd) {
+                                row[ix] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Tensor::from_vec(dx, (b, cin, h, wd), &Device::Cpu)
+    }
+    let dims = (b, cin, h, wd);
+    Ok(Some(match dy.dtype() {
+        candle_core::DType::F32 => go::<f32>(dy, w, dims, (pad, stride))?,
+        _ => go::<f64>(dy, w, dims, (pad, stride))?,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -828,5 +916,77 @@ mod tests {
         let dy = randn(&[1, 4, 5, 5], 4).to_dtype(DType::F32).unwrap();
         assert!(conv2d_s1_kernel_grad(&x, &dy, &w, 1).is_err());
         assert!(conv2d_s1_input_grad(&dy, &w, 3).unwrap().is_none());
+    }
+
+    /// The strided input gradient against a direct sum over outputs and taps: stride 2
+    /// and 3, padding 0-2, odd / even / mixed sizes (rows or columns the stride never
+    /// reads), 1x1 and 4x4 kernels, batch 2, f32 and f64.
+    #[test]
+    fn strided_input_grad_matches_direct_sum() {
+        for &(b, cin, cout, h, w, k, pad, stride) in &[
+            (2, 3, 4, 9, 8, 3, 1, 2),
+            (1, 2, 5, 8, 8, 3, 1, 2),
+            (1, 4, 3, 7, 10, 3, 0, 2),
+            (2, 2, 2, 11, 6, 4, 2, 3),
+            (1, 3, 2, 5, 7, 1, 0, 2),
+        ] {
+            let (oh, ow) = (
+                (h + 2 * pad - k) / stride + 1,
+                (w + 2 * pad - k) / stride + 1,
+            );
+            let wt = randn(&[cout, cin, k, k], 1);
+            let dy = randn(&[b, cout, oh, ow], 2);
+            let (wv, dv) = (
+                wt.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                dy.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            );
+            let mut want = vec![0f64; b * cin * h * w];
+            for bi in 0..b {
+                for co in 0..cout {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let g = dv[((bi * cout + co) * oh + oy) * ow + ox];
+                            for i in 0..cin {
+                                for ty in 0..k {
+                                    for tx in 0..k {
+                                        let (iy, ix) = (oy * stride + ty, ox * stride + tx);
+                                        if iy < pad || ix < pad || iy - pad >= h || ix - pad >= w {
+                                            continue;
+                                        }
+                                        want[((bi * cin + i) * h + iy - pad) * w + ix - pad] +=
+                                            g * wv[((co * cin + i) * k + ty) * k + tx];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let want = Tensor::from_vec(want, (b, cin, h, w), &Device::Cpu).unwrap();
+            for dt in [DType::F64, DType::F32] {
+                let (dyd, wd) = (dy.to_dtype(dt).unwrap(), wt.to_dtype(dt).unwrap());
+                let got = conv2d_strided_input_grad(&dyd, &wd, (h, w), pad, stride)
+                    .unwrap()
+                    .expect("applies");
+                let (e, m) = max_err(&got, &want);
+                let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+                assert!(
+                    e <= tol * m.max(1.0),
+                    "{dt:?} {h}x{w} k{k} p{pad} s{stride}: {e}"
+                );
+            }
+        }
+        // Stride 1 and sizes that do not match the output are not for this kernel.
+        let (dy, wt) = (randn(&[1, 2, 4, 4], 3), randn(&[2, 2, 3, 3], 4));
+        assert!(
+            conv2d_strided_input_grad(&dy, &wt, (4, 4), 1, 1)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            conv2d_strided_input_grad(&dy, &wt, (12, 8), 1, 2)
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -291,8 +291,9 @@ fn conv2d_kernel_grad(
 /// Stride 1: a plain convolution of the output gradient with the kernel transposed
 /// (in <-> out) and flipped, padded by `k - 1 - pad`: the tap-GEMM kernel of `conv_cpu` on
 /// the CPU in f32/f64 (the kernel read through strides, no copy), else candle's im2col +
-/// GEMM, several times faster than its direct `conv_transpose2d` loop. Strided: the transposed
-/// convolution, grown by an output padding where the stride dropped input rows or columns
+/// GEMM, several times faster than its direct `conv_transpose2d` loop. Strided: on the CPU in
+/// f32/f64 one GEMM with the transposed kernel and a strided col2im (`conv_cpu`); elsewhere
+/// the transposed convolution, grown by an output padding where the stride dropped input rows or columns
 /// and cut back to the input size (height and width may differ in parity).
 fn conv2d_input_grad(
     g: &Tensor,
@@ -305,6 +306,9 @@ fn conv2d_input_grad(
     if stride == 1
         && let Some(dx) = conv2d_s1_input_grad(g, w, pad)?
     {
+        return Ok(dx);
+    }
+    if let Some(dx) = conv_cpu::conv2d_strided_input_grad(g, w, (h, wd), pad, stride)? {
         return Ok(dx);
     }
     if stride == 1 && pad < k {
