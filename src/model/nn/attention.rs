@@ -3,7 +3,8 @@
 //!
 //! Inputs are [N, L, D] with N = batch x heads. f32 on the CPU runs as a candle CustomOp:
 //! head dims that are multiples of 8 on AVX2 through `attention_fast` (own register tiles,
-//! softmax in the tile epilogues, the forward's log-sum-exp kept for the backward), other
+//! 16 lanes wide through `attention_avx512` where the CPU has AVX-512F, softmax in the tile
+//! epilogues, the forward's log-sum-exp kept for the backward), other
 //! shapes through the fused kernels of `attention_cpu` (one block of query rows x all keys
 //! at a time, GEMM + one-pass softmax). Every other device and dtype (CUDA above all) runs
 //! `attention_generic`: query x key tiles in tensor ops with an online softmax, the
@@ -59,7 +60,7 @@ pub fn attention_tiled(
 struct MemEffAttention {
     scale: f64,
     bq: usize,
-    /// The forward's row log-sum-exp [N, Lq] where the AVX2 kernels ran it (their
+    /// The forward's row log-sum-exp [N, Lq] where the register-tile kernels ran it (their
     /// backward then recomputes probabilities in one pass).
     lse: std::sync::Mutex<Vec<f32>>,
     /// The register tiles those kernels use: the widest the CPU has.

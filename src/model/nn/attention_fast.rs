@@ -1,5 +1,7 @@
 //! The fused f32 CPU attention on AVX2 + FMA with its own small GEMMs, used instead of
-//! `attention_cpu` when the head dims are multiples of 8 (all Stable Diffusion models).
+//! `attention_cpu` when the head dims are multiples of 8 (all Stable Diffusion models). On
+//! CPUs with AVX-512F ([`Isa::Avx512`]) the same products run on the 16-lane tiles of
+//! `attention_avx512`; packing, loop order and epilogues are shared.
 //!
 //! Every product in attention has one dimension equal to a head dim (40-160 in Stable
 //! Diffusion): `Q K^T` and `dO V^T` contract over it, `P V`, `dS K`, `P^T dO` and `dS^T Q`

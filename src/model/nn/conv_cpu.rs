@@ -263,57 +263,66 @@ fn im2col<T: WithDType>(xp: &[T], cin: usize, g: Geom) -> Vec<T> {
     out
 }
 
-/// Input gradient `[B, Cin, H, W]` of a stride-1 convolution with the plain kernel `kern`
-/// (padding `pad`) from `dy [B, Cout, OH, OW]`: per image one GEMM
-/// `W^T [Cin*k*k, Cout] @ dy [Cout, OH*OW]`, then each input pixel sums its k*k taps' entries
-/// (col2im). For small images, where it reads the kernel once.
+/// Input gradient `[B, Cin, h, w]` of a convolution with the plain kernel `kern`, padding
+/// `pad` and stride `stride` from `dy [B, Cout, OH, OW]`: per image one GEMM
+/// `W^T [Cin*k*k, Cout] @ dy [Cout, OH*OW]`, then each input pixel sums the entries of the
+/// taps that read it (col2im); pixels no window read (dropped by the stride) stay zero. For
+/// small images, where it reads the kernel once, and for strided convolutions.
 fn input_grad_col2im<T: WithDType>(
     dy: &[T],
     (b, oh, ow): (usize, usize, usize),
     kern: Kernel<T>,
-    pad: usize,
-) -> (Vec<T>, (usize, usize)) {
+    (pad, stride): (usize, usize),
+    (h, w): (usize, usize),
+) -> Vec<T> {
     let (cin, cout, k) = (kern.cin, kern.cout, kern.k);
     let (kk, hw) = (k * k, oh * ow);
-    let (h, w) = (oh + k - 1 - 2 * pad, ow + k - 1 - 2 * pad);
-    let mut dcols = vec![T::from_f64(0.0); b * cin * kk * hw];
-    for bi in 0..b {
-        let (src, dst) = (
-            &dy[bi * cout * hw..][..cout * hw],
-            &mut dcols[bi * cin * kk * hw..][..cin * kk * hw],
-        );
+    let mut dcols = vec![T::from_f64(0.0); cin * kk * hw];
+    let mut dx = vec![T::from_f64(0.0); b * cin * h * w];
+    // Input index of output index `o` for tap `t`, where the window reads the input.
+    let at = |o: usize, t: usize, n: usize| (o * stride + t).checked_sub(pad).filter(|&i| i < n);
+    for (src, dxb) in dy
+        .chunks_exact(cout * hw)
+        .zip(dx.chunks_exact_mut(cin * h * w))
+    {
         matmul(
             (cin * kk, hw, cout),
-            dst,
+            &mut dcols,
             (hw as isize, 1),
             false,
             Mat::new(kern.data, 1, (cin * kk) as isize),
             Mat::new(src, hw as isize, 1),
         );
-    }
-    let mut dx = vec![T::from_f64(0.0); b * cin * h * w];
-    dx.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
-        let (bi, i) = (bc / cin, bc % cin);
-        let taps = &dcols[(bi * cin + i) * kk * hw..][..kk * hw];
-        for ty in 0..k {
-            for tx in 0..k {
-                let src = &taps[(ty * k + tx) * hw..][..hw];
-                // Input (iy, ix) takes output (iy + pad - ty, ix + pad - tx) where it exists.
-                let x0 = tx.saturating_sub(pad);
-                let x1 = (ow + tx).saturating_sub(pad).min(w);
-                if x0 >= x1 {
-                    continue;
-                }
-                for iy in ty.saturating_sub(pad)..(oh + ty).saturating_sub(pad).min(h) {
-                    let oy = iy + pad - ty;
-                    let s = &src[oy * ow + x0 + pad - tx..][..x1 - x0];
-                    let d = &mut dst[iy * w + x0..][..x1 - x0];
-                    d.iter_mut().zip(s).for_each(|(a, &v)| *a += v);
+        dxb.par_chunks_mut(h * w).enumerate().for_each(|(i, dst)| {
+            let taps = &dcols[i * kk * hw..][..kk * hw];
+            for ty in 0..k {
+                for tx in 0..k {
+                    let src = &taps[(ty * k + tx) * hw..][..hw];
+                    // Output columns ox0..ox1 read input columns ix0, ix0 + stride, ...
+                    let ox0 = pad.saturating_sub(tx).div_ceil(stride);
+                    let ox1 = (w + pad).saturating_sub(tx).div_ceil(stride).min(ow);
+                    if ox0 >= ox1 {
+                        continue;
+                    }
+                    let ix0 = ox0 * stride + tx - pad;
+                    for oy in 0..oh {
+                        let Some(iy) = at(oy, ty, h) else { continue };
+                        let s = &src[oy * ow + ox0..oy * ow + ox1];
+                        let d = &mut dst[iy * w + ix0..(iy + 1) * w];
+                        if stride == 1 {
+                            d.iter_mut().zip(s).for_each(|(a, &v)| *a += v);
+                        } else {
+                            d.iter_mut()
+                                .step_by(stride)
+                                .zip(s)
+                                .for_each(|(a, &v)| *a += v);
+                        }
+                    }
                 }
             }
-        }
-    });
-    (dx, (h, w))
+        });
+    }
+    dx
 }
 
 /// Wide `[C, N]` rows back to `[B, C, OH, OW]`, plus `bias[c]` on every channel when given.
@@ -543,7 +552,8 @@ fn run<T: WithDType>(
     let (o, i, k, _) = w.dims4()?;
     if transpose && pad < k && h * wd <= SMALL_HW {
         // x is the output gradient and `pad` the transposed padding k - 1 - p.
-        let (dx, (dh, dw)) = with_slice(x, |xs: &[T]| {
+        let (dh, dw) = (h + 2 * pad + 1 - k, wd + 2 * pad + 1 - k);
+        let dx = with_slice(x, |xs: &[T]| {
             with_slice(w, |ws: &[T]| {
                 if o != cin_x {
                     candle_core::bail!("conv: output gradient has {cin_x} channels, kernel {o}")
@@ -552,7 +562,8 @@ fn run<T: WithDType>(
                     xs,
                     (b, h, wd),
                     Kernel::plain(ws, o, i, k),
-                    k - 1 - pad,
+                    (k - 1 - pad, 1),
+                    (dh, dw),
                 ))
             })
         })?;
@@ -725,10 +736,9 @@ pub fn conv2d_s1_kernel_grad(
 }
 
 /// Input gradient `[B, Cin, h, w]` of a strided `conv2d(x, w, pad, stride)` (dilation 1,
-/// one group) from `dy [B, Cout, OH, OW]`: per image one GEMM `W^T [Cin*k*k, Cout] @ dy`,
-/// then each tap's entries added back to the input pixels they read (col2im with the
-/// stride); pixels no window read (the stride dropped them) get zero. In place of candle's
-/// direct `conv_transpose2d` loop; `None` where these kernels do not apply.
+/// one group) from `dy [B, Cout, OH, OW]`: the GEMM + col2im of the small-image stride-1
+/// gradient, with the stride. In place of candle's direct `conv_transpose2d` loop; `None`
+/// where these kernels do not apply.
 pub fn conv2d_strided_input_grad(
     dy: &Tensor,
     w: &Tensor,
@@ -762,47 +772,18 @@ pub fn conv2d_strided_input_grad(
     ) -> candle_core::Result<Tensor> {
         let (_, cout, oh, ow) = dy.dims4()?;
         let k = w.dim(2)?;
-        let (kk, hw) = (k * k, oh * ow);
-        let mut dcols = vec![T::from_f64(0.0); b * cin * kk * hw];
-        with_slice(dy, |ds: &[T]| {
+        let dx = with_slice(dy, |ds: &[T]| {
             with_slice(w, |ws: &[T]| {
-                for (src, dst) in ds
-                    .chunks_exact(cout * hw)
-                    .zip(dcols.chunks_exact_mut(cin * kk * hw))
-                {
-                    matmul(
-                        (cin * kk, hw, cout),
-                        dst,
-                        (hw as isize, 1),
-                        false,
-                        Mat::new(ws, 1, (cin * kk) as isize),
-                        Mat::new(src, hw as isize, 1),
-                    );
-                }
-                Ok(())
+                let kern = Kernel::plain(ws, cout, cin, k);
+                Ok(input_grad_col2im(
+                    ds,
+                    (b, oh, ow),
+                    kern,
+                    (pad, stride),
+                    (h, wd),
+                ))
             })
         })?;
-        let mut dx = vec![T::from_f64(0.0); b * cin * h * wd];
-        // Input index of output index `o` for tap `t`, where the window reads the input.
-        let at =
-            |o: usize, t: usize, n: usize| (o * stride + t).checked_sub(pad).filter(|&i| i < n);
-        dx.par_chunks_mut(h * wd).enumerate().for_each(|(bc, dst)| {
-            let taps = &dcols[bc * kk * hw..][..kk * hw];
-            for ty in 0..k {
-                for tx in 0..k {
-                    let src = &taps[(ty * k + tx) * hw..][..hw];
-                    for oy in 0..oh {
-                        let Some(iy) = at(oy, ty, h) else { continue };
-                        let row = &mut dst[iy * wd..][..wd];
-                        for (ox, &v) in src[oy * ow..][..ow].iter().enumerate() {
-                            if let Some(ix) = at(ox, tx, wd) {
-                                row[ix] += v;
-                            }
-                        }
-                    }
-                }
-            }
-        });
         Tensor::from_vec(dx, (b, cin, h, wd), &Device::Cpu)
     }
     let dims = (b, cin, h, wd);
