@@ -8,6 +8,8 @@
 //!   cargo run --release --example bench_unet -- lora WEIGHTS [N] [SIZE]
 //!   cargo run --release --example bench_unet -- gemm [M]
 //!   cargo run --release --example bench_unet -- conv [REPS]
+//!   cargo run --release --example bench_unet -- vae DIR [N]
+//!   cargo run --release --example bench_unet -- optim adamw8bit|adafactor|adamw [MILLIONS]
 //!
 //! `fwd` times N forwards, `bwd` N forward+backward passes of sum(out * r) with the weights
 //! frozen (the gradient w.r.t. the latent only; frozen layers compute no weight gradient). `lora` attaches kohya's
@@ -16,7 +18,12 @@
 //! single ops at SD1.5's largest sizes. SIZE is the latent side (64 = 512 px). `gemm` times an
 //! f32 M x M x M matmul (candle's GEMM, the `gemm` crate), best of 5. `conv` times
 //! SD1.5's convolution shapes: candle's conv2d, sdkit's `Conv2d` forward, and its forward +
-//! input gradient.
+//! input gradient. `vae` decodes one 4x64x64 latent (`torch.randn` with seed 1) N times with
+//! the diffusers AutoencoderKL that bench/vae/decode_py.py saved in DIR and compares the
+//! image with diffusers' (`DIR/decoded_py.safetensors`). `optim` times four updates of an
+//! optimizer over MILLIONS (default 64) million f32 parameters in four tensors (two linear,
+//! two 3x3 conv kernels) and prints
+//! the time per parameter (DreamBooth's UNet has 860 million, kohya's LoRA dim 32 19).
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
@@ -87,13 +94,27 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
-        bail!("usage: bench_unet fwd|bwd|profile WEIGHTS [N] [SIZE]");
+        bail!(
+            "usage: bench_unet fwd|bwd|profile|graph|lora WEIGHTS [N] [SIZE] | vae DIR [N] | optim KIND [MILLIONS] | conv|attn [REPS] | gemm [M]"
+        );
     }
     if args.first().map(String::as_str) == Some("conv") {
         return conv(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3));
     }
     if args.first().map(String::as_str) == Some("attn") {
         return attn(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3));
+    }
+    if args.first().map(String::as_str) == Some("vae") {
+        return vae(
+            Path::new(&args[1]),
+            args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3),
+        );
+    }
+    if args.first().map(String::as_str) == Some("optim") {
+        return optim(
+            &args[1],
+            args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64),
+        );
     }
     if args.first().map(String::as_str) == Some("gemm") {
         return gemm(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(4096));
@@ -417,6 +438,77 @@ fn conv(reps: usize) -> Result<()> {
             gf / b
         );
     }
+    Ok(())
+}
+
+/// 512x512 VAE decode (bench/vae/run.sh), timed in this binary so that the allocator is the
+/// `sdkit` binary's, as in `sdkit sample`.
+fn vae(dir: &Path, runs: usize) -> Result<()> {
+    use sdkit::model::vae::{AutoencoderKL, VaeConfig};
+    let vae = AutoencoderKL::from_diffusers(dir, DType::F32, &Device::Cpu)
+        .with_context(|| format!("{}", dir.display()))?;
+    anyhow::ensure!(vae.config == VaeConfig::sd(), "not the SD VAE config");
+    let z = sdkit::model::rng::randn(1, &[1, 4, 64, 64], &Device::Cpu)?;
+    let mut times = Vec::new();
+    let mut img = None;
+    for _ in 0..runs.max(1) {
+        let (y, s) = timed(|| Ok(vae.decode(&z)?))?;
+        times.push(s);
+        img = Some(y);
+    }
+    let path = dir.join("decoded_py.safetensors");
+    let want = candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("{}", path.display()))?;
+    let want = want.get("image").context("no `image` tensor")?;
+    let img = img.context("no run")?;
+    let err = (&img - want)?.abs()?.max_all()?.to_scalar::<f32>()?
+        / want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "sdkit decode 512x512: best {best:.2} s, runs {times:.2?}, rel err vs diffusers {err:.1e}, peak RSS {:.2} GB",
+        peak_rss_gb()
+    );
+    anyhow::ensure!(err < 1e-3, "decode differs from diffusers: rel err {err}");
+    Ok(())
+}
+
+/// Four updates of `kind` over `millions` million parameters (four equal tensors).
+fn optim(kind: &str, millions: usize) -> Result<()> {
+    use sdkit::train::optim::{Group, Hyper, Optimizer, OptimizerKind};
+    let kind = <OptimizerKind as clap::ValueEnum>::from_str(kind, true)
+        .map_err(|e| anyhow::anyhow!("optimizer {kind}: {e}"))?;
+    // Two linear-like [rows, 1024] and two conv-like [out, 1024, 3, 3] tensors.
+    let rows = (millions << 20) / 4 / 9216 * 9;
+    let shape = |i: u64| -> Vec<usize> {
+        if i < 2 {
+            vec![rows, 1024]
+        } else {
+            vec![rows / 9, 1024, 3, 3]
+        }
+    };
+    let n = 4 * rows * 1024;
+    let vars = (0..4)
+        .map(|i| Ok(Var::from_tensor(&(randn(&shape(i), 60 + i)? * 0.02)?)?))
+        .collect::<Result<Vec<_>>>()?;
+    let grads = (0..4)
+        .map(|i| Ok((randn(&shape(i), 70 + i)? * 1e-3)?))
+        .collect::<Result<Vec<_>>>()?;
+    let group = Group {
+        name: "unet".into(),
+        vars,
+    };
+    let mut opt = Optimizer::new(Hyper::defaults(kind), vec![group]);
+    let mut times = Vec::new();
+    for _ in 0..4 {
+        times.push(timed(|| Ok(opt.step(&[grads.clone()], &[1e-4])?))?.1);
+    }
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "sdkit {kind:?} update of {:.1} M parameters: best {best:.3} s ({:.1} ns / parameter), first {:.3} s",
+        n as f64 / 1e6,
+        best * 1e9 / n as f64,
+        times[0]
+    );
     Ok(())
 }
 

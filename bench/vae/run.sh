@@ -7,5 +7,5 @@ RUNS=${1:-3}
 DIR=${SDKIT_BENCH_VAE:-/tmp/sdkit-bench-vae}
 mkdir -p "$DIR"
 "${REFPY:-python3}" bench/vae/decode_py.py "$DIR" "$RUNS"
-SDKIT_BENCH_VAE="$DIR" SDKIT_BENCH_RUNS="$RUNS" cargo test --release --test vae -- \
-  --ignored bench_decode_512 --nocapture
+cargo build --locked --release --example bench_unet
+target/release/examples/bench_unet vae "$DIR" "$RUNS"

@@ -70,18 +70,18 @@ impl AdafactorArgs {
 /// One parameter's moments.
 #[derive(Default)]
 pub(super) struct State {
-    row: Option<Tensor>,
-    col: Option<Tensor>,
+    pub(super) row: Option<Tensor>,
+    pub(super) col: Option<Tensor>,
     sq: Option<Tensor>,
     avg: Option<Tensor>,
 }
 
-fn factored(dims: &[usize]) -> bool {
+pub(super) fn factored(dims: &[usize]) -> bool {
     dims.len() >= 2
 }
 
 /// The shapes of the row and column moments of a factored parameter.
-fn factor_dims(dims: &[usize]) -> (Vec<usize>, Vec<usize>) {
+pub(super) fn factor_dims(dims: &[usize]) -> (Vec<usize>, Vec<usize>) {
     let r = dims.len();
     let row = dims[..r - 1].to_vec();
     let mut col = dims[..r - 2].to_vec();
@@ -178,6 +178,36 @@ impl Optimizer {
             for (vi, var) in group.vars.iter().enumerate() {
                 // Detached: the moments must not keep a graph.
                 let g = grads[gi][vi].detach().to_dtype(DType::F32)?;
+                let dims = var.dims();
+                if factored(dims)
+                    && a.beta1.is_none()
+                    && var.dtype() == DType::F32
+                    && var.device().is_cpu()
+                    && var.is_contiguous()
+                {
+                    let (row_dims, col_dims) = factor_dims(dims);
+                    let rank = dims.len();
+                    let op = super::adafactor_cpu::InPlace {
+                        state: std::cell::RefCell::new(&mut self.factored[gi][vi]),
+                        args: a,
+                        weight_decay: wd,
+                        lr: lrs[gi],
+                        t,
+                        shape: (
+                            dims[..rank - 2].iter().product(),
+                            dims[rank - 2],
+                            dims[rank - 1],
+                        ),
+                        row_dims,
+                        col_dims,
+                        applied: std::cell::Cell::new(0.0),
+                    };
+                    var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
+                    if vi == 0 {
+                        applied[gi] = op.applied.get();
+                    }
+                    continue;
+                }
                 let p = var.as_tensor().detach().to_dtype(DType::F32)?;
                 let n = p.elem_count() as f64;
                 let rms = scalar(p.sqr()?.sum_all()?)?.sqrt() / n.sqrt();

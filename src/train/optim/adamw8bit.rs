@@ -13,7 +13,7 @@
 //! per block), whatever the parameters' device.
 
 use super::Optimizer;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -62,14 +62,158 @@ pub fn dynamic_map(signed: bool) -> [f32; 256] {
     out
 }
 
-fn maps() -> &'static ([f32; 256], [f32; 256]) {
-    static MAPS: OnceLock<([f32; 256], [f32; 256])> = OnceLock::new();
-    MAPS.get_or_init(|| (dynamic_map(true), dynamic_map(false)))
+/// A dynamic map with what makes [`Codes::quantize`] fast: where the kernel's binary search
+/// ends for each count of codes below the input, and a table from the input's float bits
+/// to a lower bound of that count.
+pub(super) struct Codes {
+    /// The map, then `SCAN` times +inf (what the scan past the last code compares with).
+    code: [f32; 256 + SCAN],
+    /// Indexed by `r`, the number of codes below the input: the search's end.
+    paths: [Path; 257],
+    /// Indexed by [`bucket`]: the least `r` of any input in the bucket.
+    start: Vec<u16>,
 }
 
-/// The kernel's `quantize_2D`: binary search over the sorted map, then the nearer of the
-/// two neighbours by their midpoint (the search starts between -1 or 0 and 1).
-fn quantize(code: &[f32; 256], signed: bool, x: f32) -> u8 {
+/// Where the kernel's search ends: its pivot, the last pivots it passed on either side and
+/// their values (the initial bounds, -1 or 0 and 1, where it never moved that way).
+#[derive(Clone, Copy, Default)]
+struct Path {
+    pivot: u8,
+    upper_pivot: u8,
+    lower_pivot: u8,
+    upper: f32,
+    lower: f32,
+}
+
+/// Binades of |x| from 2^(LOW_EXP - 127) up to [1, 2), each cut into 2^SUB_BITS buckets;
+/// smaller magnitudes, and 2 and above, one bucket each per sign. Every code's magnitude
+/// (3.25e-7 ..= 1) lies inside the cut binades.
+const LOW_EXP: u32 = 127 - 24;
+const SUB_BITS: u32 = 7;
+const LEVELS: u32 = 127 - LOW_EXP + 3;
+/// The most codes any bucket holds (checked when the table is built): the scan from the
+/// bucket's lower bound takes this many branch-free steps.
+const SCAN: usize = 2;
+
+/// The bucket of a non-NaN float: sign, binade (or the tiny / huge level), top mantissa bits.
+fn bucket(x: f32) -> usize {
+    let bits = x.to_bits();
+    let (sign, mag) = (bits >> 31, bits & 0x7fff_ffff);
+    let exp = mag >> 23;
+    let (level, sub) = if exp < LOW_EXP {
+        (0, 0)
+    } else if exp > 127 {
+        (LEVELS - 1, 0)
+    } else {
+        (
+            exp - LOW_EXP + 1,
+            (mag >> (23 - SUB_BITS)) & ((1 << SUB_BITS) - 1),
+        )
+    };
+    (((sign * LEVELS + level) << SUB_BITS) | sub) as usize
+}
+
+impl Codes {
+    fn new(signed: bool) -> Self {
+        let map = dynamic_map(signed);
+        let below = |x: f32| map.iter().filter(|&&c| c < x).count();
+        let mut paths = [Path::default(); 257];
+        for (r, path) in paths.iter_mut().enumerate() {
+            // The kernel's loop with `x > code[pivot]` replaced by `pivot < r`: the same
+            // branch for every input with `r` codes below it, the map being sorted.
+            let mut pivot = 127usize;
+            let (mut upper_pivot, mut lower_pivot) = (255usize, 0usize);
+            let mut lower = if signed { -1.0f32 } else { 0.0 };
+            let mut upper = 1.0f32;
+            let mut i = 64;
+            while i > 0 {
+                if pivot < r {
+                    lower_pivot = pivot;
+                    lower = map[pivot];
+                    pivot += i;
+                } else {
+                    upper_pivot = pivot;
+                    upper = map[pivot];
+                    pivot -= i;
+                }
+                i >>= 1;
+            }
+            *path = Path {
+                pivot: pivot as u8,
+                upper_pivot: upper_pivot as u8,
+                lower_pivot: lower_pivot as u8,
+                upper,
+                lower,
+            };
+        }
+        // The least member of each bucket: the bottom of a positive bucket, the top
+        // magnitude of a negative one; +0 and -2^-24 for the tiny ones, 2 and -inf for the
+        // huge ones. (Its greatest, the other way round, bounds the codes it holds.)
+        let sub_ulps = 1u32 << (23 - SUB_BITS);
+        let mut start = vec![0u16; (2 * LEVELS as usize) << SUB_BITS];
+        for sign in 0..2u32 {
+            for level in 0..LEVELS {
+                for sub in 0..1u32 << SUB_BITS {
+                    let bottom =
+                        |l: u32| f32::from_bits(((l - 1 + LOW_EXP) << 23) | (sub * sub_ulps));
+                    let top = |l: u32| {
+                        f32::from_bits(((l - 1 + LOW_EXP) << 23) | (sub * sub_ulps + sub_ulps - 1))
+                    };
+                    let (least, greatest) = match (sign, level) {
+                        (0, 0) => (0.0, f32::from_bits((LOW_EXP << 23) - 1)),
+                        (1, 0) => (-f32::from_bits(LOW_EXP << 23), -0.0),
+                        (0, l) if l == LEVELS - 1 => (2.0, f32::INFINITY),
+                        (1, l) if l == LEVELS - 1 => (f32::NEG_INFINITY, -2.0),
+                        (0, l) => (bottom(l), top(l)),
+                        (_, l) => (-top(l), -bottom(l)),
+                    };
+                    let (lo, hi) = (below(least), below(greatest) + 1);
+                    assert!(hi - lo <= SCAN, "a bucket holds more than {SCAN} codes");
+                    start[(((sign * LEVELS + level) << SUB_BITS) | sub) as usize] = lo as u16;
+                }
+            }
+        }
+        let mut code = [f32::INFINITY; 256 + SCAN];
+        code[..256].copy_from_slice(&map);
+        Self { code, paths, start }
+    }
+
+    /// The kernel's `quantize_2D`: a binary search over the sorted map, then the nearer of
+    /// the two neighbours it ended between by their midpoint (the search starts between -1
+    /// or 0 and 1). Computed from the number of codes below `x` (the bucket's lower bound,
+    /// then the few codes above it), which fixes every branch of the search.
+    #[inline]
+    fn quantize(&self, x: f32) -> u8 {
+        // Branch-free throughout: the inputs are noise to a branch predictor.
+        let r = self.start[bucket(x)] as usize;
+        let mut r = if x.is_nan() { 0 } else { r };
+        for _ in 0..SCAN {
+            r += (self.code[r] < x) as usize;
+        }
+        let p = self.paths[r];
+        let val = self.code[p.pivot as usize];
+        let above = if x > (p.upper + val) * 0.5 {
+            p.upper_pivot
+        } else {
+            p.pivot
+        };
+        let below = if x < (p.lower + val) * 0.5 {
+            p.lower_pivot
+        } else {
+            p.pivot
+        };
+        if x > val { above } else { below }
+    }
+}
+
+fn maps() -> &'static (Codes, Codes) {
+    static MAPS: OnceLock<(Codes, Codes)> = OnceLock::new();
+    MAPS.get_or_init(|| (Codes::new(true), Codes::new(false)))
+}
+
+/// The kernel's `quantize_2D` as written: the reference for [`Codes::quantize`].
+#[cfg(test)]
+fn quantize_search(code: &[f32; 256], signed: bool, x: f32) -> u8 {
     let mut pivot = 127usize;
     let (mut upper_pivot, mut lower_pivot) = (255usize, 0usize);
     let mut lower = if signed { -1.0f32 } else { 0.0 };
@@ -165,7 +309,8 @@ fn block(
     av: &mut f32,
     k: Consts,
 ) {
-    let (code1, code2) = maps();
+    let (codes1, codes2) = maps();
+    let (code1, code2) = (&codes1.code, &codes2.code);
     let n = p.len();
     let mut s1 = [0f32; BLOCK];
     let mut s2 = [0f32; BLOCK];
@@ -190,18 +335,25 @@ fn block(
     }
     *am = max1;
     *av = max2;
-    for j in 0..n {
-        if !g[j].is_finite() {
-            continue;
-        }
-        p[j] += k.step_size * (s1[j] / (s2[j].sqrt() + k.correction2 * k.eps));
-        if k.weight_decay > 0.0 {
-            p[j] *= 1.0 - k.lr * k.weight_decay;
-        }
+    // Branch-free so that it vectorises: a non-finite gradient keeps the weight.
+    let decay = if k.weight_decay > 0.0 {
+        1.0 - k.lr * k.weight_decay
+    } else {
+        1.0
+    };
+    for (((pj, &gj), &a), &b) in p.iter_mut().zip(g).zip(&s1).zip(&s2) {
+        let stepped = (*pj + k.step_size * (a / (b.sqrt() + k.correction2 * k.eps))) * decay;
+        *pj = if gj.is_finite() { stepped } else { *pj };
+    }
+    // The normalised moments first (a vectorised division), then the codes.
+    let (mut x1, mut x2) = ([0f32; BLOCK], [0f32; BLOCK]);
+    for j in 0..BLOCK {
+        x1[j] = s1[j] / max1;
+        x2[j] = s2[j] / max2;
     }
     for j in 0..n {
-        let mut c1 = quantize(code1, true, s1[j] / max1);
-        v[j] = quantize(code2, false, s2[j] / max2);
+        let mut c1 = codes1.quantize(x1[j]);
+        v[j] = codes2.quantize(x2[j]);
         if code1[c1 as usize].is_sign_negative() != s1[j].is_sign_negative() {
             c1 = if s1[j] > 0.0 {
                 c1.wrapping_add(1)
@@ -211,6 +363,55 @@ fn block(
         }
         m[j] = c1;
     }
+}
+
+/// A parameter's update in its own storage (f32 on the CPU, contiguous), the gradient as
+/// the second operand: no copies of either.
+struct InPlace<'a> {
+    q: std::cell::RefCell<&'a mut Quantized>,
+    k: Consts,
+}
+
+impl candle_core::InplaceOp2 for InPlace<'_> {
+    fn name(&self) -> &'static str {
+        "adamw8bit"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("adamw8bit in place: f32 parameter and gradient only")
+        };
+        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("adamw8bit in place: contiguous parameter and gradient only")
+        };
+        if p1 - p0 != g1 - g0 {
+            candle_core::bail!(
+                "adamw8bit: gradient of {} elements for {}",
+                g1 - g0,
+                p1 - p0
+            )
+        }
+        update_blocks(&mut p[p0..p1], &g[g0..g1], &mut self.q.borrow_mut(), self.k);
+        Ok(())
+    }
+}
+
+/// Every block of one parameter, in parallel.
+fn update_blocks(p: &mut [f32], g: &[f32], q: &mut Quantized, k: Consts) {
+    p.par_chunks_mut(BLOCK)
+        .zip(g.par_chunks(BLOCK))
+        .zip(q.m.par_chunks_mut(BLOCK))
+        .zip(q.v.par_chunks_mut(BLOCK))
+        .zip(q.absmax_m.par_iter_mut())
+        .zip(q.absmax_v.par_iter_mut())
+        .for_each(|(((((p, g), m), v), am), av)| block(p, g, m, v, am, av, k));
 }
 
 /// Bytes of state for one parameter of `n` elements.
@@ -236,23 +437,28 @@ impl Optimizer {
             let k = Consts::new(&h, lrs[gi], t);
             for (vi, var) in group.vars.iter().enumerate() {
                 let g = grads[gi][vi].detach().to_dtype(DType::F32)?;
+                let n = var.elem_count();
+                if n < h.min_8bit_size {
+                    let p = var.as_tensor().detach().to_dtype(DType::F32)?;
+                    let new_p = update_f32(&mut self.state[gi][vi], &p, &g, k)?;
+                    var.set(&new_p.to_dtype(var.dtype())?)?;
+                    continue;
+                }
+                let q = self.quantized[gi][vi].get_or_insert_with(|| Quantized::zeros(n));
+                if var.dtype() == DType::F32 && var.device().is_cpu() && var.is_contiguous() {
+                    let op = InPlace {
+                        q: std::cell::RefCell::new(q),
+                        k,
+                    };
+                    var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
+                    continue;
+                }
+                // Other dtypes and devices: through a copy on the CPU.
                 let p = var.as_tensor().detach().to_dtype(DType::F32)?;
-                let new_p = if p.elem_count() < h.min_8bit_size {
-                    update_f32(&mut self.state[gi][vi], &p, &g, k)?
-                } else {
-                    let q = self.quantized[gi][vi]
-                        .get_or_insert_with(|| Quantized::zeros(p.elem_count()));
-                    let mut pv = p.flatten_all()?.to_vec1::<f32>()?;
-                    let gv = g.flatten_all()?.to_vec1::<f32>()?;
-                    pv.par_chunks_mut(BLOCK)
-                        .zip(gv.par_chunks(BLOCK))
-                        .zip(q.m.par_chunks_mut(BLOCK))
-                        .zip(q.v.par_chunks_mut(BLOCK))
-                        .zip(q.absmax_m.par_iter_mut())
-                        .zip(q.absmax_v.par_iter_mut())
-                        .for_each(|(((((p, g), m), v), am), av)| block(p, g, m, v, am, av, k));
-                    Tensor::from_vec(pv, p.dims(), p.device())?
-                };
+                let mut pv = p.flatten_all()?.to_vec1::<f32>()?;
+                let gv = g.flatten_all()?.to_vec1::<f32>()?;
+                update_blocks(&mut pv, &gv, q, k);
+                let new_p = Tensor::from_vec(pv, p.dims(), p.device())?;
                 var.set(&new_p.to_dtype(var.dtype())?)?;
             }
         }
@@ -415,10 +621,59 @@ mod tests {
         // Nearest code, ties and ends included.
         let m = dynamic_map(true);
         for (i, &c) in m.iter().enumerate() {
-            assert_eq!(quantize(&m, true, c) as usize, i);
+            assert_eq!(quantize_search(&m, true, c) as usize, i);
+            assert_eq!(maps().0.quantize(c) as usize, i);
         }
-        assert_eq!(quantize(&m, true, -1.0), 0);
-        assert_eq!(quantize(&m, true, 1.0), 255);
+        assert_eq!(maps().0.quantize(-1.0), 0);
+        assert_eq!(maps().0.quantize(1.0), 255);
+    }
+
+    /// The table-driven quantizer gives the kernel's binary search's code for every input:
+    /// each code, the midpoints between neighbours and a few ulps around both, the ends and
+    /// beyond, zeros, NaN and infinities, denormals, and a sweep over the f32 bit patterns.
+    #[test]
+    fn fast_quantize_is_the_kernel_search() {
+        let (signed, unsigned) = maps();
+        for (codes, is_signed) in [(signed, true), (unsigned, false)] {
+            let code = dynamic_map(is_signed);
+            let mut xs = vec![
+                0.0f32,
+                -0.0,
+                1.0,
+                -1.0,
+                2.0,
+                -2.0,
+                1e30,
+                -1e30,
+                f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MIN_POSITIVE,
+                -f32::MIN_POSITIVE,
+                f32::from_bits(1),
+                -f32::from_bits(1),
+            ];
+            for w in code.windows(2) {
+                xs.extend([w[0], w[1], (w[0] + w[1]) * 0.5]);
+            }
+            let near: Vec<f32> = xs
+                .iter()
+                .filter(|x| x.is_finite())
+                .flat_map(|&x| {
+                    (-3i32..=3).map(move |d| f32::from_bits(x.to_bits().wrapping_add_signed(d)))
+                })
+                .collect();
+            xs.extend(near);
+            xs.extend((0..u32::MAX / 4099).map(|i| f32::from_bits(i * 4099)));
+            for x in xs {
+                assert_eq!(
+                    codes.quantize(x),
+                    quantize_search(&code, is_signed, x),
+                    "signed {is_signed}, x {x:e} ({:#x})",
+                    x.to_bits()
+                );
+            }
+        }
     }
 
     /// bitsandbytes' AdamW8bit on CUDA (tests/fixtures/gen_optim8_fixtures.py, run on an

@@ -5,6 +5,7 @@
 //! `text_encoder_lr`); gradient clipping by global norm (torch's `clip_grad_norm_`).
 
 mod adafactor;
+mod adafactor_cpu;
 mod adamw8bit;
 #[cfg(test)]
 mod testdata;
