@@ -100,20 +100,13 @@ impl candle_core::InplaceOp2 for InPlace<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("adafactor in place: f32 parameter and gradient only")
-        };
-        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("adafactor in place: contiguous parameter and gradient only")
-        };
-        let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
+        let (p, g) = super::in_place_f32("adafactor", (s1, l1), (s2, l2))?;
         let (b, r, c) = self.shape;
-        if p.len() != g.len() || p.len() != b * r * c {
+        if p.len() != b * r * c {
             candle_core::bail!(
-                "adafactor: gradient of {} elements for {}",
-                g.len(),
-                p.len()
+                "adafactor: {} elements for a {:?} view",
+                p.len(),
+                self.shape
             )
         }
         let a = &self.args;

@@ -384,21 +384,8 @@ impl candle_core::InplaceOp2 for InPlace<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("adamw8bit in place: f32 parameter and gradient only")
-        };
-        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("adamw8bit in place: contiguous parameter and gradient only")
-        };
-        if p1 - p0 != g1 - g0 {
-            candle_core::bail!(
-                "adamw8bit: gradient of {} elements for {}",
-                g1 - g0,
-                p1 - p0
-            )
-        }
-        update_blocks(&mut p[p0..p1], &g[g0..g1], &mut self.q.borrow_mut(), self.k);
+        let (p, g) = super::in_place_f32("adamw8bit", (s1, l1), (s2, l2))?;
+        update_blocks(p, g, &mut self.q.borrow_mut(), self.k);
         Ok(())
     }
 }

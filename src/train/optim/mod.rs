@@ -217,6 +217,28 @@ impl OptimizerKind {
     }
 }
 
+/// The parameter and gradient of an in-place update (a candle `InplaceOp2` whose operands
+/// are the parameter's storage and its gradient) as f32 slices of equal length, or an
+/// error naming the optimizer when either is not contiguous f32.
+fn in_place_f32<'a>(
+    name: &str,
+    (s1, l1): (&'a mut candle_core::CpuStorage, &candle_core::Layout),
+    (s2, l2): (&'a candle_core::CpuStorage, &candle_core::Layout),
+) -> candle_core::Result<(&'a mut [f32], &'a [f32])> {
+    use candle_core::CpuStorage::F32;
+    let (F32(p), F32(g)) = (s1, s2) else {
+        candle_core::bail!("{name} in place: f32 parameter and gradient only")
+    };
+    let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+    else {
+        candle_core::bail!("{name} in place: contiguous parameter and gradient only")
+    };
+    if p1 - p0 != g1 - g0 {
+        candle_core::bail!("{name}: gradient of {} elements for {}", g1 - g0, p1 - p0)
+    }
+    Ok((&mut p[p0..p1], &g[g0..g1]))
+}
+
 /// Parameters sharing a learning rate.
 #[derive(Clone, Debug)]
 pub struct Group {
