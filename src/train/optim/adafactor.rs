@@ -202,7 +202,7 @@ impl Optimizer {
                         col_dims,
                         applied: std::cell::Cell::new(0.0),
                     };
-                    var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
+                    super::update_in_place(var, &g, &op)?;
                     if vi == 0 {
                         applied[gi] = op.applied.get();
                     }

@@ -6,7 +6,7 @@
 //! first moment); only the sums add up in another order.
 
 use super::adafactor::{AdafactorArgs, State};
-use candle_core::{CpuStorage, Device, Layout, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
 
@@ -88,19 +88,10 @@ fn moment(t: &Option<Tensor>) -> candle_core::Result<Option<Vec<f32>>> {
         .transpose()
 }
 
-impl candle_core::InplaceOp2 for InPlace<'_> {
-    fn name(&self) -> &'static str {
-        "adafactor"
-    }
+impl super::UpdateF32 for InPlace<'_> {
+    const NAME: &'static str = "adafactor";
 
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let (p, g) = super::in_place_f32("adafactor", (s1, l1), (s2, l2))?;
+    fn update(&self, p: &mut [f32], g: &[f32]) -> candle_core::Result<()> {
         let (b, r, c) = self.shape;
         if p.len() != b * r * c {
             candle_core::bail!(

@@ -13,7 +13,7 @@
 //! per block), whatever the parameters' device.
 
 use super::Optimizer;
-use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -365,26 +365,16 @@ fn block(
     }
 }
 
-/// A parameter's update in its own storage (f32 on the CPU, contiguous), the gradient as
-/// the second operand: no copies of either.
+/// A parameter's update in its own storage (f32 on the CPU, contiguous).
 struct InPlace<'a> {
     q: std::cell::RefCell<&'a mut Quantized>,
     k: Consts,
 }
 
-impl candle_core::InplaceOp2 for InPlace<'_> {
-    fn name(&self) -> &'static str {
-        "adamw8bit"
-    }
+impl super::UpdateF32 for InPlace<'_> {
+    const NAME: &'static str = "adamw8bit";
 
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let (p, g) = super::in_place_f32("adamw8bit", (s1, l1), (s2, l2))?;
+    fn update(&self, p: &mut [f32], g: &[f32]) -> candle_core::Result<()> {
         update_blocks(p, g, &mut self.q.borrow_mut(), self.k);
         Ok(())
     }
@@ -437,7 +427,7 @@ impl Optimizer {
                         q: std::cell::RefCell::new(q),
                         k,
                     };
-                    var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
+                    super::update_in_place(var, &g, &op)?;
                     continue;
                 }
                 // Other dtypes and devices: through a copy on the CPU.

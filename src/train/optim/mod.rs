@@ -217,26 +217,50 @@ impl OptimizerKind {
     }
 }
 
-/// The parameter and gradient of an in-place update (a candle `InplaceOp2` whose operands
-/// are the parameter's storage and its gradient) as f32 slices of equal length, or an
-/// error naming the optimizer when either is not contiguous f32.
-fn in_place_f32<'a>(
-    name: &str,
-    (s1, l1): (&'a mut candle_core::CpuStorage, &candle_core::Layout),
-    (s2, l2): (&'a candle_core::CpuStorage, &candle_core::Layout),
-) -> candle_core::Result<(&'a mut [f32], &'a [f32])> {
-    use candle_core::CpuStorage::F32;
-    let (F32(p), F32(g)) = (s1, s2) else {
-        candle_core::bail!("{name} in place: f32 parameter and gradient only")
-    };
-    let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-    else {
-        candle_core::bail!("{name} in place: contiguous parameter and gradient only")
-    };
-    if p1 - p0 != g1 - g0 {
-        candle_core::bail!("{name}: gradient of {} elements for {}", g1 - g0, p1 - p0)
+/// An optimizer's update of one contiguous f32 parameter on the CPU, in the parameter's own
+/// storage: no copy of it or of its gradient.
+trait UpdateF32 {
+    const NAME: &'static str;
+    fn update(&self, p: &mut [f32], g: &[f32]) -> candle_core::Result<()>;
+}
+
+/// Runs `u` on `var` with gradient `g` through a candle in-place op (which takes the
+/// storage locks); the caller checks that `var` is contiguous f32 on the CPU.
+fn update_in_place<U: UpdateF32>(var: &Var, g: &Tensor, u: &U) -> candle_core::Result<()> {
+    struct Op<'a, U>(&'a U);
+    impl<U: UpdateF32> candle_core::InplaceOp2 for Op<'_, U> {
+        fn name(&self) -> &'static str {
+            U::NAME
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut candle_core::CpuStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CpuStorage,
+            l2: &candle_core::Layout,
+        ) -> candle_core::Result<()> {
+            use candle_core::CpuStorage::F32;
+            let (F32(p), F32(g)) = (s1, s2) else {
+                candle_core::bail!("{} in place: f32 parameter and gradient only", U::NAME)
+            };
+            let (Some((p0, p1)), Some((g0, g1))) =
+                (l1.contiguous_offsets(), l2.contiguous_offsets())
+            else {
+                candle_core::bail!("{} in place: contiguous parameter and gradient", U::NAME)
+            };
+            if p1 - p0 != g1 - g0 {
+                candle_core::bail!(
+                    "{}: gradient of {} elements for {}",
+                    U::NAME,
+                    g1 - g0,
+                    p1 - p0
+                )
+            }
+            self.0.update(&mut p[p0..p1], &g[g0..g1])
+        }
     }
-    Ok((&mut p[p0..p1], &g[g0..g1]))
+    var.as_tensor().inplace_op2(&g.contiguous()?, &Op(u))
 }
 
 /// Parameters sharing a learning rate.
