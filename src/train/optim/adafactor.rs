@@ -308,6 +308,73 @@ mod tests {
         (h, lr)
     }
 
+    /// The in-place CPU update (taken for f32 parameters) against the tensor version (taken
+    /// for f64 ones, computed in f32 all the same) over three updates with weight decay, in
+    /// both of its settings, on both sides of its split by matrix count: a [16, 8, 3, 3]
+    /// kernel (128 matrices of 3x3) and a [300, 70] matrix. Only sums add up in another
+    /// order, so the values agree to f32 rounding.
+    #[test]
+    fn in_place_update_matches_tensor_version() {
+        use candle_core::{DType, Device, Tensor, Var};
+        let shapes: [&[usize]; 2] = [&[16, 8, 3, 3], &[300, 70]];
+        let wave = |n: usize, a: f64, b: f64| -> Vec<f32> {
+            (0..n)
+                .map(|k| (0.05 * (a * k as f64 + b).sin()) as f32)
+                .collect()
+        };
+        for args in [
+            vec!["weight_decay=0.1".to_string()],
+            vec![
+                "scale_parameter=False".into(),
+                "relative_step=False".into(),
+                "weight_decay=0.1".into(),
+            ],
+        ] {
+            let h = Hyper::defaults(OptimizerKind::Adafactor)
+                .with_args(&args)
+                .unwrap();
+            let run = |dtype: DType| -> Vec<Vec<f32>> {
+                let vars: Vec<Var> = shapes
+                    .iter()
+                    .map(|&d| {
+                        let n = d.iter().product();
+                        let t = Tensor::from_vec(wave(n, 0.7, 0.3), d, &Device::Cpu).unwrap();
+                        Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+                    })
+                    .collect();
+                let group = super::super::Group {
+                    name: "unet".into(),
+                    vars: vars.clone(),
+                };
+                let mut o = Optimizer::new(h, vec![group]);
+                for t in 1..=3 {
+                    let grads = shapes
+                        .iter()
+                        .map(|&d| {
+                            let n = d.iter().product();
+                            let g = wave(n, 0.37, 1.3 * t as f64);
+                            let g = Tensor::from_vec(g, d, &Device::Cpu).unwrap();
+                            g.to_dtype(dtype).unwrap()
+                        })
+                        .collect();
+                    o.step(&[grads], &[1e-2]).unwrap();
+                }
+                vars.iter()
+                    .map(|v| {
+                        let t = v.as_tensor().to_dtype(DType::F32).unwrap();
+                        t.flatten_all().unwrap().to_vec1().unwrap()
+                    })
+                    .collect()
+            };
+            let (fused, tensors) = (run(DType::F32), run(DType::F64));
+            for ((a, b), d) in fused.iter().zip(&tensors).zip(shapes) {
+                let e = td::max_rel(a, b, 1e-2);
+                assert!(e < 2e-6, "{args:?} {d:?}: off by {e:e}");
+                assert!(a != &wave(a.len(), 0.7, 0.3), "{d:?} did not move");
+            }
+        }
+    }
+
     /// transformers' Adafactor in four settings (tests/fixtures/gen_optim8_fixtures.py):
     /// six updates of two groups (rank 2, 1, 4 and a zero-initialised rank 2); values
     /// within f32 rounding of the reference, and AdafactorSchedule's reported rates.

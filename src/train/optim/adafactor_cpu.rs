@@ -1,7 +1,7 @@
-//! Adafactor's update of a factored f32 parameter on the CPU in its own storage, in three
-//! passes over the gradient (row and column sums of `g^2 + eps1` with the parameter's sum
-//! of squares; the update's sum of squares; the step) instead of a dozen tensor-sized
-//! intermediates. The same operations in the same order per element as the tensor version
+//! Adafactor's update of a factored f32 parameter on the CPU in its own storage, in a few
+//! passes (the parameter's sum of squares; row and column sums of `g^2 + eps1`, one read of
+//! the gradient for many small matrices, two for few large ones; the update's sum of
+//! squares; the step) instead of a dozen tensor-sized intermediates. The same operations in the same order per element as the tensor version
 //! in `adafactor` (which stays for other devices and dtypes, unfactored parameters and a
 //! first moment); only the sums add up in another order.
 
@@ -39,24 +39,34 @@ fn rows_per_task(cols: usize) -> usize {
 fn sums(g: &[f32], (b, r, c): (usize, usize, usize), eps1: f32) -> (Vec<f32>, Vec<f32>) {
     let sq = |x: f32| x * x + eps1;
     let mut rows = vec![0f32; b * r];
-    let per = rows_per_task(c);
-    rows.par_chunks_mut(per)
-        .zip(g.par_chunks(per * c))
-        .for_each(|(sums, g)| {
-            for (s, row) in sums.iter_mut().zip(g.chunks_exact(c)) {
-                *s = row.iter().map(|&x| sq(x)).sum();
-            }
-        });
     let mut cols = vec![0f32; b * c];
     if b >= 64 {
-        cols.par_chunks_mut(c)
+        // Many matrices (3x3 kernels, one per in/out channel pair): both sums of a matrix
+        // in one read of it.
+        rows.par_chunks_mut(r)
+            .zip(cols.par_chunks_mut(c))
             .zip(g.par_chunks(r * c))
-            .for_each(|(acc, m)| {
-                for row in m.chunks_exact(c) {
-                    acc.iter_mut().zip(row).for_each(|(a, &x)| *a += sq(x));
+            .for_each(|((rs, acc), m)| {
+                for (s, row) in rs.iter_mut().zip(m.chunks_exact(c)) {
+                    let mut t = 0f32;
+                    for (a, &x) in acc.iter_mut().zip(row) {
+                        let q = sq(x);
+                        *a += q;
+                        t += q;
+                    }
+                    *s = t;
                 }
             });
     } else {
+        // Few large matrices: rows in parallel, then columns in parallel strips.
+        let per = rows_per_task(c);
+        rows.par_chunks_mut(per)
+            .zip(g.par_chunks(per * c))
+            .for_each(|(sums, g)| {
+                for (s, row) in sums.iter_mut().zip(g.chunks_exact(c)) {
+                    *s = row.iter().map(|&x| sq(x)).sum();
+                }
+            });
         for (acc, m) in cols.chunks_mut(c).zip(g.chunks(r * c)) {
             acc.par_chunks_mut(COL_CHUNK)
                 .enumerate()

@@ -65,7 +65,7 @@ pub fn dynamic_map(signed: bool) -> [f32; 256] {
 /// A dynamic map with what makes [`Codes::quantize`] fast: where the kernel's binary search
 /// ends for each count of codes below the input, and a table from the input's float bits
 /// to a lower bound of that count.
-pub(super) struct Codes {
+struct Codes {
     /// The map, then `SCAN` times +inf (what the scan past the last code compares with).
     code: [f32; 256 + SCAN],
     /// Indexed by `r`, the number of codes below the input: the search's end.
