@@ -45,7 +45,8 @@ pub trait Method {
     fn groups(&self) -> Vec<VarGroup>;
     fn size(&self) -> Size;
     /// Whether the trained tensors are the model's own weights (already in memory once),
-    /// not new adapter tensors beside them: the memory estimate counts them differently.
+    /// not new adapter tensors beside them: the memory estimate counts them differently,
+    /// and the trainer stages the UNet's backward (their gradients are as large as the model).
     fn trains_base_weights(&self) -> bool {
         false
     }

@@ -763,10 +763,20 @@ fn train<'a>(
             ));
         }
     }
-    let checkpointing = o.gradient_checkpointing.then(|| {
-        let vars = groups.iter().flat_map(|g| g.vars.iter().cloned()).collect();
-        crate::model::nn::checkpoint::Checkpointing::new(vars)
-    });
+    // Recompute blocks with --gradient-checkpointing; when every UNet weight trains, keep
+    // each block's graph apart instead, so that the backward frees a block's activations
+    // as soon as it is done with them while the weight gradients pile up (same gradients).
+    let checkpointing = {
+        use crate::model::nn::checkpoint::Checkpointing;
+        let vars = || groups.iter().flat_map(|g| g.vars.iter().cloned()).collect();
+        if o.gradient_checkpointing {
+            Some(Checkpointing::new(vars()))
+        } else if cx.method.trains_base_weights() {
+            Some(Checkpointing::keep(vars()))
+        } else {
+            None
+        }
+    };
     cx.models.unet.checkpointing = checkpointing.clone();
     let mut opt = Optimizer::new(hyper, groups);
     if let Some(dir) = &o.resume {
