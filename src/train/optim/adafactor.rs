@@ -311,12 +311,14 @@ mod tests {
     /// The in-place CPU update (taken for f32 parameters) against the tensor version (taken
     /// for f64 ones, computed in f32 all the same) over three updates with weight decay, in
     /// both of its settings, on both sides of its split by matrix count: a [16, 8, 3, 3]
-    /// kernel (128 matrices of 3x3) and a [300, 70] matrix. Only sums add up in another
+    /// kernel (128 matrices of 3x3), a [300, 70] matrix and 300 matrices of 4x7 (parallel
+    /// tasks starting inside a matrix). Only sums add up in another
     /// order, so the values agree to f32 rounding.
     #[test]
     fn in_place_update_matches_tensor_version() {
         use candle_core::{DType, Device, Tensor, Var};
-        let shapes: [&[usize]; 2] = [&[16, 8, 3, 3], &[300, 70]];
+        // [300, 4, 7]: tasks of 585 rows start inside a matrix of four rows.
+        let shapes: [&[usize]; 3] = [&[16, 8, 3, 3], &[300, 70], &[300, 4, 7]];
         let wave = |n: usize, a: f64, b: f64| -> Vec<f32> {
             (0..n)
                 .map(|k| (0.05 * (a * k as f64 + b).sin()) as f32)
