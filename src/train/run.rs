@@ -198,8 +198,9 @@ pub fn encode_captions(
 /// `state_bytes`, the run's own overhead, and activations. Calibrated on the SD1.5
 /// benchmarks (BENCHMARKS.md, 512 px, batch 1, f32): LoRA peak RSS 11.0 GB, 5.96 GB with
 /// gradient checkpointing, i.e. ~5.7 GB of activations per 64x64 latent image (~0.7 GB
-/// when recomputed). DreamBooth (Adafactor 14.3 GB, AdamW8bit 14.2 GB measured) comes out at
-/// 16.2 / 16.1 GB: gradients grow while activations are freed, so the sum is an upper bound. Scaled by the UNet's width
+/// when recomputed). DreamBooth (Adafactor 13.1 GB, AdamW8bit 12.9 GB measured with the
+/// staged backward) comes out at 16.2 / 16.1 GB: gradients grow while activations are
+/// freed, so the sum is an upper bound. Scaled by the UNet's width
 /// (SD1.5's channels sum to 3520), latent area, batch and element size.
 fn memory_estimate(
     models: &Models,
