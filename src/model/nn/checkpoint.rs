@@ -102,11 +102,13 @@ impl Checkpointing {
         } else {
             a.clone()
         };
-        let op = Recompute {
+        let op = BlockOp {
             out: Handover::new(y),
-            f,
             sink: self.clone(),
-            a_needed: !forced,
+            backward: Backward::Recompute {
+                f,
+                a_needed: !forced,
+            },
         };
         a_in.apply_op2(b, op)
     }
@@ -121,11 +123,13 @@ impl Checkpointing {
         }
         let (la, lb) = (leaf(a, need_a)?, leaf(b, need_b)?);
         let y = f(&la, &lb)?;
-        let op = Staged {
+        let op = BlockOp {
             out: Handover::new(y.detach()),
-            graph: Mutex::new(Some((la, lb, y))),
             sink: self.clone(),
-            need: (need_a, need_b),
+            backward: Backward::Staged {
+                graph: Mutex::new(Some((la, lb, y))),
+                need: (need_a, need_b),
+            },
         };
         a.apply_op2(b, op)
     }
@@ -147,16 +151,33 @@ impl Checkpointing {
     }
 }
 
-struct Recompute {
-    out: Handover,
-    f: Block2,
-    sink: Arc<Checkpointing>,
-    a_needed: bool,
+/// How a block's backward gets its graph.
+enum Backward {
+    /// Runs the block again (`a_needed`: false when `a` was made a leaf only to put the
+    /// op into the graph).
+    Recompute { f: Block2, a_needed: bool },
+    /// The graph kept from the forward (leaves and tracked output), taken and dropped by
+    /// the backward; `need`: which inputs want a gradient.
+    Staged {
+        graph: Mutex<Option<(Tensor, Tensor, Tensor)>>,
+        need: (bool, bool),
+    },
 }
 
-impl CustomOp2 for Recompute {
+/// The op standing for a block in the outer graph: its forward hands over the block's
+/// output, its backward runs the block's own graph and returns the inputs' gradients.
+struct BlockOp {
+    out: Handover,
+    sink: Arc<Checkpointing>,
+    backward: Backward,
+}
+
+impl CustomOp2 for BlockOp {
     fn name(&self) -> &'static str {
-        "checkpoint"
+        match self.backward {
+            Backward::Recompute { .. } => "checkpoint",
+            Backward::Staged { .. } => "staged-block",
+        }
     }
 
     fn cpu_fwd(
@@ -187,21 +208,38 @@ impl CustomOp2 for Recompute {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let need_a = self.a_needed && a.track_op();
-        let need_b = b.track_op();
-        let (la, lb) = (leaf(a, need_a)?, leaf(b, need_b)?);
-        let grads = with_grad(|| -> Result<_> {
-            let y = (self.f)(&la, &lb)?;
-            if !y.track_op() {
-                return Ok(None);
+        let ((la, lb), (need_a, need_b), grads) = match &self.backward {
+            Backward::Recompute { f, a_needed } => {
+                let need = (*a_needed && a.track_op(), b.track_op());
+                let (la, lb) = (leaf(a, need.0)?, leaf(b, need.1)?);
+                let grads = with_grad(|| -> Result<_> {
+                    let y = f(&la, &lb)?;
+                    if !y.track_op() {
+                        return Ok(None);
+                    }
+                    Ok(Some((y * grad.detach())?.sum_all()?.backward()?))
+                })?;
+                let Some(grads) = grads else {
+                    return Ok((None, None));
+                };
+                ((la, lb), need, grads)
             }
-            Ok(Some((y * grad.detach())?.sum_all()?.backward()?))
-        })?;
-        let Some(grads) = grads else {
-            return Ok((None, None));
+            Backward::Staged { graph, need } => {
+                let (la, lb, y) = graph
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("staged block: poisoned".into()))?
+                    .take()
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg("staged block: backward run twice".into())
+                    })?;
+                let grads = (y * grad.detach())?.sum_all()?.backward()?;
+                ((la, lb), *need, grads)
+            }
         };
         self.sink.collect(&grads)?;
-        Ok((pick(&grads, &la, need_a), pick(&grads, &lb, need_b)))
+        let pick =
+            |t: &Tensor, need: bool| need.then(|| grads.get(t).map(|g| g.detach())).flatten();
+        Ok((pick(&la, need_a), pick(&lb, need_b)))
     }
 }
 
@@ -215,87 +253,33 @@ fn leaf(t: &Tensor, need: bool) -> Result<Tensor> {
     }
 }
 
-fn pick(grads: &candle_core::backprop::GradStore, t: &Tensor, need: bool) -> Option<Tensor> {
-    need.then(|| grads.get(t).map(|g| g.detach())).flatten()
-}
-
-/// The op of a staged block: hands over the block's output, keeps the block's graph
-/// (its leaves and tracked output) until the backward, which runs on that graph and
-/// then drops it.
-struct Staged {
-    out: Handover,
-    graph: Mutex<Option<(Tensor, Tensor, Tensor)>>,
-    sink: Arc<Checkpointing>,
-    need: (bool, bool),
-}
-
-impl CustomOp2 for Staged {
-    fn name(&self) -> &'static str {
-        "staged-block"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (la, lb, y) = self
-            .graph
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("staged block: poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("staged block: backward run twice".into()))?;
-        let grads = (y * grad.detach())?.sum_all()?.backward()?;
-        self.sink.collect(&grads)?;
-        let (need_a, need_b) = self.need;
-        Ok((pick(&grads, &la, need_a), pick(&grads, &lb, need_b)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// A weight `w`, an input `x0` and the block `exp(tanh(x w) * c)` reading `w`.
+    fn tanh_block() -> (Device, Var, Var, Block2) {
+        let dev = Device::Cpu;
+        let w =
+            Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &dev).unwrap()).unwrap();
+        let x0 =
+            Var::from_tensor(&Tensor::new(&[[1.0f32, 2.0], [3.0, -1.0]], &dev).unwrap()).unwrap();
+        let wv = w.clone();
+        let f: Block2 = Arc::new(move |x: &Tensor, c: &Tensor| {
+            let h = x.matmul(&super::super::grad::param(&wv))?.tanh()?;
+            (h * c)?.exp()
+        });
+        (dev, w, x0, f)
+    }
 
     /// A two-input block with a trainable weight inside: gradients of both inputs and of
     /// the weight equal the un-checkpointed graph's, and the checkpointed output carries
     /// one op, not the block's graph.
     #[test]
     fn same_gradients_as_the_plain_graph() {
-        let dev = Device::Cpu;
-        let w =
-            Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &dev).unwrap()).unwrap();
-        let x0 =
-            Var::from_tensor(&Tensor::new(&[[1.0f32, 2.0], [3.0, -1.0]], &dev).unwrap()).unwrap();
+        let (dev, w, x0, f) = tanh_block();
         let c = Tensor::new(&[[0.1f32, 0.2], [0.3, 0.4]], &dev).unwrap();
-        let wv = w.clone();
-        let f: Block2 = Arc::new(move |x: &Tensor, c: &Tensor| {
-            let h = x.matmul(&super::super::grad::param(&wv))?.tanh()?;
-            (h * c)?.exp()
-        });
         let loss = |y: Tensor| (y.sqr().unwrap() * 0.5).unwrap().sum_all().unwrap();
 
         let x = (x0.as_tensor() * 2.0).unwrap();
@@ -320,18 +304,9 @@ mod tests {
     /// inside and outside the block too.
     #[test]
     fn staged_blocks_give_the_plain_gradients() {
-        let dev = Device::Cpu;
-        let w =
-            Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &dev).unwrap()).unwrap();
-        let x0 =
-            Var::from_tensor(&Tensor::new(&[[1.0f32, 2.0], [3.0, -1.0]], &dev).unwrap()).unwrap();
+        let (dev, w, x0, f) = tanh_block();
         let c0 =
             Var::from_tensor(&Tensor::new(&[[0.1f32, 0.2], [0.3, 0.4]], &dev).unwrap()).unwrap();
-        let wv = w.clone();
-        let f: Block2 = Arc::new(move |x: &Tensor, c: &Tensor| {
-            let h = x.matmul(&super::super::grad::param(&wv))?.tanh()?;
-            (h * c)?.exp()
-        });
         let run = |ck: Option<&Arc<Checkpointing>>| {
             let x = x0.as_tensor().matmul(w.as_tensor()).unwrap();
             let c = (c0.as_tensor() * 3.0).unwrap();
