@@ -73,7 +73,8 @@ impl Checkpointing {
             .map_err(|_| candle_core::Error::Msg("checkpointing: poisoned".into()))
     }
 
-    /// Removes and returns `v`'s gradient collected from recomputed blocks.
+    /// Removes and returns `v`'s gradient collected from blocks with their own graph
+    /// (recomputed or staged).
     pub fn take(&self, v: &Var) -> Result<Option<Tensor>> {
         Ok(self.lock()?.remove(&v.as_tensor().id()))
     }

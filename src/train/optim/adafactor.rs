@@ -179,12 +179,7 @@ impl Optimizer {
                 // Detached: the moments must not keep a graph.
                 let g = grads[gi][vi].detach().to_dtype(DType::F32)?;
                 let dims = var.dims();
-                if factored(dims)
-                    && a.beta1.is_none()
-                    && var.dtype() == DType::F32
-                    && var.device().is_cpu()
-                    && var.is_contiguous()
-                {
+                if factored(dims) && a.beta1.is_none() && super::in_place_f32(var.as_tensor()) {
                     let (row_dims, col_dims) = factor_dims(dims);
                     let rank = dims.len();
                     let op = super::adafactor_cpu::InPlace {

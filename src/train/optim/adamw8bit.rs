@@ -422,7 +422,7 @@ impl Optimizer {
                     continue;
                 }
                 let q = self.quantized[gi][vi].get_or_insert_with(|| Quantized::zeros(n));
-                if var.dtype() == DType::F32 && var.device().is_cpu() && var.is_contiguous() {
+                if super::in_place_f32(var.as_tensor()) {
                     let op = InPlace {
                         q: std::cell::RefCell::new(q),
                         k,

@@ -5,19 +5,72 @@
 //! `x / a` as `x * (1 / a)`, `x + a`, each factor rounded to f32), which stays for other
 //! dtypes and devices.
 
-use super::UpdateF32;
-use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Tensor};
+use super::{Hyper, OptimizerKind, UpdateF32};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
+/// AdamW's or Lion's update of `var` (contiguous f32 on the CPU) in place, its moments
+/// `(m, v)` created as zeros on the first update and updated in their own storage.
+pub(super) fn step(
+    h: Hyper,
+    var: &Var,
+    g: &Tensor,
+    (m, v): (&mut Option<Tensor>, &mut Option<Tensor>),
+    lr: f64,
+    t: i32,
+) -> Result<()> {
+    let moment = |s: &mut Option<Tensor>| -> Result<Tensor> {
+        match s.take() {
+            Some(x) if super::in_place_f32(&x) => Ok(x),
+            Some(x) => x.to_dtype(DType::F32)?.to_device(var.device())?.copy(),
+            None => var.as_tensor().zeros_like(),
+        }
+    };
+    let m1 = moment(m)?;
+    let (m1, v1) = match h.kind {
+        OptimizerKind::AdamW => {
+            let v1 = moment(v)?;
+            with_f32_mut(&m1, |ms| {
+                with_f32_mut(&v1, |vs| {
+                    let u = AdamW {
+                        m: Mutex::new(ms),
+                        v: Mutex::new(vs),
+                        lr,
+                        beta1: h.beta1,
+                        beta2: h.beta2,
+                        eps: h.eps,
+                        weight_decay: h.weight_decay,
+                        t,
+                    };
+                    super::update_in_place(var, g, &u)
+                })
+            })?;
+            (m1, Some(v1))
+        }
+        _ => {
+            with_f32_mut(&m1, |ms| {
+                let u = Lion {
+                    m: Mutex::new(ms),
+                    lr,
+                    beta1: h.beta1,
+                    beta2: h.beta2,
+                    weight_decay: h.weight_decay,
+                };
+                super::update_in_place(var, g, &u)
+            })?;
+            (m1, v.take())
+        }
+    };
+    (*m, *v) = (Some(m1), v1);
+    Ok(())
+}
+
 /// Runs `f` on the elements of the contiguous f32 CPU tensor `t`, in its own storage.
-pub(super) fn with_f32_mut<R: Send>(
-    t: &Tensor,
-    f: impl FnOnce(&mut [f32]) -> Result<R> + Send,
-) -> Result<R> {
+fn with_f32_mut<R: Send>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<R> + Send) -> Result<R> {
     struct Op<F, R>(Mutex<Option<F>>, Mutex<Option<R>>);
     impl<F: FnOnce(&mut [f32]) -> Result<R> + Send, R: Send> InplaceOp1 for Op<F, R> {
         fn name(&self) -> &'static str {
@@ -47,7 +100,7 @@ pub(super) fn with_f32_mut<R: Send>(
 }
 
 /// AdamW (torch's, `amsgrad=False`) with both moments; `t` is the update's number.
-pub(super) struct AdamW<'a> {
+struct AdamW<'a> {
     pub m: Mutex<&'a mut [f32]>,
     pub v: Mutex<&'a mut [f32]>,
     pub lr: f64,
@@ -59,7 +112,7 @@ pub(super) struct AdamW<'a> {
 }
 
 /// Lion (lion-pytorch) with its one moment.
-pub(super) struct Lion<'a> {
+struct Lion<'a> {
     pub m: Mutex<&'a mut [f32]>,
     pub lr: f64,
     pub beta1: f64,

@@ -265,65 +265,8 @@ fn update_in_place<U: UpdateF32>(var: &Var, g: &Tensor, u: &U) -> candle_core::R
 }
 
 /// Whether `t` is a contiguous f32 CPU tensor (updated in place by the fused CPU ops).
-fn in_place_f32(t: &Tensor) -> bool {
+pub(super) fn in_place_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
-}
-
-/// AdamW's or Lion's update of `var` in place (`adamw_cpu`), its moments created as zeros
-/// on the first update and updated in their own storage.
-fn fused_step(
-    h: Hyper,
-    var: &Var,
-    g: &Tensor,
-    m: &mut Option<Tensor>,
-    v: &mut Option<Tensor>,
-    lr: f64,
-    t: i32,
-) -> candle_core::Result<()> {
-    let moment = |s: &mut Option<Tensor>| -> candle_core::Result<Tensor> {
-        match s.take() {
-            Some(x) if in_place_f32(&x) => Ok(x),
-            Some(x) => x.to_dtype(DType::F32)?.to_device(var.device())?.copy(),
-            None => var.as_tensor().zeros_like(),
-        }
-    };
-    let m1 = moment(m)?;
-    let (m1, v1) = match h.kind {
-        OptimizerKind::AdamW => {
-            let v1 = moment(v)?;
-            adamw_cpu::with_f32_mut(&m1, |ms| {
-                adamw_cpu::with_f32_mut(&v1, |vs| {
-                    let u = adamw_cpu::AdamW {
-                        m: std::sync::Mutex::new(ms),
-                        v: std::sync::Mutex::new(vs),
-                        lr,
-                        beta1: h.beta1,
-                        beta2: h.beta2,
-                        eps: h.eps,
-                        weight_decay: h.weight_decay,
-                        t,
-                    };
-                    update_in_place(var, g, &u)
-                })
-            })?;
-            (m1, Some(v1))
-        }
-        _ => {
-            adamw_cpu::with_f32_mut(&m1, |ms| {
-                let u = adamw_cpu::Lion {
-                    m: std::sync::Mutex::new(ms),
-                    lr,
-                    beta1: h.beta1,
-                    beta2: h.beta2,
-                    weight_decay: h.weight_decay,
-                };
-                update_in_place(var, g, &u)
-            })?;
-            (m1, v.take())
-        }
-    };
-    (*m, *v) = (Some(m1), v1);
-    Ok(())
 }
 
 /// Parameters sharing a learning rate.
@@ -401,7 +344,7 @@ impl Optimizer {
                 if matches!(h.kind, OptimizerKind::AdamW | OptimizerKind::Lion)
                     && in_place_f32(var.as_tensor())
                 {
-                    fused_step(h, var, &g, m, v, lr, t)?;
+                    adamw_cpu::step(h, var, &g, (m, v), lr, t)?;
                     continue;
                 }
                 let p = var.as_tensor().detach().to_dtype(DType::F32)?;
