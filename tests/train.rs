@@ -717,6 +717,122 @@ fn dreambooth_trains_the_text_encoder_until_told_to_stop() {
     assert!(max_diff(&u4, &u2) > 0.0, "the UNet stopped too");
 }
 
+/// `--fused-backward-pass` (kohya's): each UNet weight is updated inside the backward.
+/// Without clipping it trains the weights of the unfused step, with the staged blocks and
+/// with recomputed ones (`--gradient-checkpointing`), the text encoder (outside the
+/// blocks) too; with clipping, each weight's gradient is clipped on its own, as in kohya;
+/// what it cannot do is a one-line error.
+#[test]
+fn dreambooth_fused_backward_pass() {
+    let d = one_image_set();
+    let run = |extra: &[&str]| {
+        let out = tempfile::tempdir().unwrap();
+        let mut args = vec!["--max-train-steps", "2", "--train-text-encoder"];
+        args.extend_from_slice(extra);
+        dreambooth(d.path(), out.path(), &args);
+        let [u, _, te] = components(&out.path().join("t.safetensors"));
+        (u, te)
+    };
+    let base = loader::open(&model(), &LoadOptions::default()).unwrap();
+    let [bu, bt] = [base.unet, base.text_encoder]
+        .map(|w| w.snapshot().into_iter().collect::<BTreeMap<_, _>>());
+    let fused = ["--fused-backward-pass"];
+    for opt in [
+        &["--optimizer", "adamw", "--max-grad-norm", "0"][..],
+        &["--optimizer", "adamw8bit", "--max-grad-norm", "0"],
+        &["--optimizer", "adafactor", "--max-grad-norm", "0"],
+    ] {
+        let (u, te) = run(opt);
+        let (fu, fte) = run(&[opt, &fused[..]].concat());
+        assert!(max_diff(&u, &bu) > 1e-4, "{opt:?}: the UNet did not train");
+        assert!(
+            max_diff(&te, &bt) > 1e-6,
+            "{opt:?}: the text encoder did not train"
+        );
+        assert_eq!(max_diff(&fu, &u), 0.0, "{opt:?}: fused UNet differs");
+        assert_eq!(
+            max_diff(&fte, &te),
+            0.0,
+            "{opt:?}: fused text encoder differs"
+        );
+    }
+    // Recomputed blocks give the same gradients up to summation order.
+    let sgd = [
+        "--optimizer",
+        "sgd",
+        "--learning-rate",
+        "1",
+        "--max-grad-norm",
+        "0",
+    ];
+    let (u, _) = run(&sgd);
+    let (fu, _) = run(&[&sgd[..], &fused, &["--gradient-checkpointing"]].concat());
+    let moved = max_diff(&u, &bu);
+    assert!(moved > 1e-3, "SGD did not train: {moved}");
+    assert!(
+        max_diff(&fu, &u) < moved * 1e-4,
+        "recomputed + fused differ"
+    );
+
+    // One SGD step of rate 1 clipped to 1e-3: fused, each weight moves by at most 1e-3
+    // (L2), and every weight with a larger gradient by exactly that; unfused, all of
+    // them together do.
+    let clipped = [
+        "--optimizer",
+        "sgd",
+        "--learning-rate",
+        "1",
+        "--max-grad-norm",
+        "1e-3",
+        "--max-train-steps",
+        "1",
+    ];
+    let norms = |u: &BTreeMap<String, Tensor>| -> Vec<f64> {
+        u.iter()
+            .map(|(k, t)| {
+                let d = (t - &bu[k]).unwrap().to_dtype(DType::F64).unwrap();
+                d.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    .sqrt()
+            })
+            .collect()
+    };
+    let (fu, _) = run(&[&clipped[..], &fused].concat());
+    let n = norms(&fu);
+    assert!(n.iter().all(|&x| x < 1.001e-3), "{n:?}");
+    let at_limit = n.iter().filter(|&&x| x > 0.999e-3).count();
+    assert!(at_limit > 10, "{at_limit} weights at the limit: {n:?}");
+    let (u, _) = run(&clipped);
+    let total = norms(&u).iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!(total < 1.001e-3, "unfused total {total}");
+
+    for (extra, want) in [
+        (
+            &["--gradient-accumulation-steps", "2"][..],
+            "--gradient-accumulation-steps",
+        ),
+        (
+            &["--optimizer", "prodigy", "--learning-rate", "1"],
+            "prodigy",
+        ),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let r = train_method(
+            "dreambooth",
+            d.path(),
+            out.path(),
+            &[extra, &fused[..]].concat(),
+        );
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains(want), "{}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    }
+}
+
 /// `--class-prompt`: the missing class images are generated into REG/1_<prompt>/ with
 /// their captions, counted by `--dry-run`, trained on as regularisation images; a rerun
 /// with a larger count adds only the missing ones.

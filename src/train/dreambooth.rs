@@ -102,6 +102,9 @@ impl Method for DreamBoothMethod<'_> {
     fn trains_base_weights(&self) -> bool {
         true
     }
+    fn fused_backward_pass(&self) -> bool {
+        self.o.fused_backward_pass
+    }
 
     fn grid_columns(&self) -> super::grid::Columns {
         super::grid::Columns::Model

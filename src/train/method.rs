@@ -50,6 +50,11 @@ pub trait Method {
     fn trains_base_weights(&self) -> bool {
         false
     }
+    /// Whether the optimizer updates each weight inside the backward (the fused backward
+    /// pass, see `train::fused`).
+    fn fused_backward_pass(&self) -> bool {
+        false
+    }
     /// What a resume state must have been trained with (shape of the trainable part).
     fn identity(&self) -> serde_json::Value;
     /// The key of this step's dropout masks (0: off).

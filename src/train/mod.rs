@@ -2,14 +2,15 @@
 //!
 //! `options` (kohya's names and defaults), `data` (folders, repeats, reg balance,
 //! buckets, batches, caption pipeline), `latents` (encode + cache), `objective` (noise,
-//! targets, losses, weights), `optim` (optimizers with saveable state, clipping), `lr`
-//! (schedules), `rng` (named random streams: exact resume), `state` (save / resume),
+//! targets, losses, weights), `optim` (optimizers with saveable state, clipping), `fused` (the
+//! fused backward pass), `lr` (schedules), `rng` (named random streams: exact resume), `state` (save / resume),
 //! `metadata` (kohya's `ss_*` header), `samples` (prompt file images), `templates` (textual-inversion prompts), `grid` (the
 //! grid of a run's saves), `run`
 //! (the loop).
 
 pub mod data;
 pub mod dreambooth;
+pub mod fused;
 pub mod grid;
 pub mod latents;
 pub mod lr;

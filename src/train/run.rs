@@ -205,6 +205,7 @@ pub fn encode_captions(
 fn memory_estimate(
     models: &Models,
     base_weights: bool,
+    fused: bool,
     params: usize,
     state_bytes: u64,
     ds: &Dataset,
@@ -213,7 +214,13 @@ fn memory_estimate(
     let (batch, dt) = (o.batch_size, dtype(o.mixed_precision));
     let w = models.info.unet.block_out_channels.iter().sum::<usize>() as f64 / 3520.0;
     let weights_gb = 4.3 * w * dt.size_in_bytes() as f64 / 4.0;
-    let per_param = if base_weights { 4.0 } else { 8.0 };
+    // Bytes per trained parameter: its gradient (base weights are counted already; the
+    // fused backward pass updates them before their gradients pile up), plus its value.
+    let per_param = match (base_weights, fused) {
+        (true, true) => 0.0,
+        (true, false) => 4.0,
+        _ => 8.0,
+    };
     let adapter_gb = (params as f64 * per_param + state_bytes as f64) / 1e9;
     let overhead_gb = 0.9 * w;
     let max_area = ds
@@ -451,6 +458,7 @@ fn prepare<'a>(
         memory_estimate_gb: memory_estimate(
             &models,
             method.trains_base_weights(),
+            method.fused_backward_pass(),
             size.parameters,
             state_bytes,
             &ds,
@@ -779,6 +787,12 @@ fn train<'a>(
         }
     };
     cx.models.unet.checkpointing = checkpointing.clone();
+    let fused = match &checkpointing {
+        Some(ck) if cx.method.fused_backward_pass() => {
+            Some(super::fused::Fused::new(ck.clone(), &groups))
+        }
+        _ => None,
+    };
     let mut opt = Optimizer::new(hyper, groups);
     if let Some(dir) = &o.resume {
         let st = state::load(dir).map_err(input)?;
@@ -836,6 +850,17 @@ fn train<'a>(
     let lr_at = |base: f64, s: u64| match o.learning_rate.steps() {
         Some(r) => r.at(s).unwrap_or(0.0),
         None => schedule.lr(base, s),
+    };
+    // Every group's rate at step `s` (0 for the text encoder once it stops training).
+    let step_lrs = |s: u64| -> Vec<f64> {
+        base_lrs
+            .iter()
+            .zip(&untils)
+            .map(|(&b, u)| match u {
+                Some(u) if s >= *u => 0.0,
+                _ => lr_at(b, s),
+            })
+            .collect()
     };
 
     let prompts: Vec<SamplePrompt> = match &o.sample_prompts {
@@ -988,6 +1013,11 @@ fn train<'a>(
                 if !lv.is_finite() {
                     return Ok((lv, vec![]));
                 }
+                if let Some(f) = &fused {
+                    // One micro-batch per step (validated): the update is this backward's.
+                    f.step(&mut opt, &loss, &step_lrs(pos.step), o.max_grad_norm)?;
+                    return Ok((lv, Vec::new()));
+                }
                 let grads = (loss / accum as f64)?.backward()?;
                 let g = opt
                     .groups
@@ -1045,18 +1075,13 @@ fn train<'a>(
                 continue;
             }
             let mut grads = acc.take().unwrap_or_default();
-            if o.max_grad_norm > 0.0 {
+            if o.max_grad_norm > 0.0 && fused.is_none() {
                 clip_grad_norm(&mut grads, o.max_grad_norm).map_err(run_err)?;
             }
-            let lrs: Vec<f64> = base_lrs
-                .iter()
-                .zip(&untils)
-                .map(|(&b, u)| match u {
-                    Some(u) if pos.step >= *u => 0.0,
-                    _ => lr_at(b, pos.step),
-                })
-                .collect();
-            opt.step(&grads, &lrs).map_err(run_err)?;
+            let lrs = step_lrs(pos.step);
+            if fused.is_none() {
+                opt.step(&grads, &lrs).map_err(run_err)?;
+            }
             drop(grads);
             alloc_guard.step_end();
             let lrs = opt.applied_lrs(&lrs);

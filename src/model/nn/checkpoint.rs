@@ -25,11 +25,15 @@
 
 use super::grad::{Handover, no_grad, with_grad};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, TensorId, Var};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// A recomputable block with two inputs.
 pub type Block2 = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// What the fused backward pass does with a weight's gradient as soon as a block's
+/// backward has produced it (update the weight, then drop the gradient).
+pub type FusedUpdate = Box<dyn FnMut(&Var, Tensor) -> Result<()> + Send>;
 
 /// The trainable variables and the gradients of theirs that checkpointed blocks produced.
 pub struct Checkpointing {
@@ -37,6 +41,9 @@ pub struct Checkpointing {
     grads: Mutex<HashMap<TensorId, Tensor>>,
     /// Keep each block's graph (staged backward) instead of recomputing it.
     keep: bool,
+    /// The fused backward pass: the update each block gradient goes to instead of
+    /// `grads`, and the variables it has updated this step.
+    fused: Mutex<(Option<FusedUpdate>, HashSet<TensorId>)>,
 }
 
 impl std::fmt::Debug for Checkpointing {
@@ -54,6 +61,7 @@ impl Checkpointing {
             vars,
             grads: Mutex::new(HashMap::new()),
             keep: false,
+            fused: Mutex::default(),
         })
     }
 
@@ -64,6 +72,7 @@ impl Checkpointing {
             vars,
             grads: Mutex::new(HashMap::new()),
             keep: true,
+            fused: Mutex::default(),
         })
     }
 
@@ -79,10 +88,36 @@ impl Checkpointing {
         Ok(self.lock()?.remove(&v.as_tensor().id()))
     }
 
-    /// Forgets every collected gradient (a step that failed midway).
+    /// Forgets every collected gradient (a step that failed midway) and which variables
+    /// the fused update has seen.
     pub fn clear(&self) -> Result<()> {
         self.lock()?.clear();
+        self.lock_fused()?.1.clear();
         Ok(())
+    }
+
+    fn lock_fused(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, (Option<FusedUpdate>, HashSet<TensorId>)>> {
+        self.fused
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("checkpointing: poisoned".into()))
+    }
+
+    /// The fused backward pass (kohya's `--fused_backward_pass`): from now on each
+    /// block's weight gradients go to `update` as soon as that block's backward has run,
+    /// instead of being collected; `None` turns it off (and drops `update`). A weight
+    /// read by two blocks, or by a block and the outer graph, would be updated from part
+    /// of its gradient: the second block reports it as an error, and [`Self::fused_done`]
+    /// tells the caller which weights not to update again.
+    pub fn fuse(&self, update: Option<FusedUpdate>) -> Result<()> {
+        self.lock_fused()?.0 = update;
+        Ok(())
+    }
+
+    /// Whether the fused update has already taken `v`'s gradient this step.
+    pub fn fused_done(&self, v: &Var) -> Result<bool> {
+        Ok(self.lock_fused()?.1.contains(&v.as_tensor().id()))
     }
 
     /// `f(a, b)`, checkpointed. Without tracking (inference, or inside another
@@ -136,6 +171,22 @@ impl Checkpointing {
     }
 
     fn collect(&self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        let mut fused = self.lock_fused()?;
+        let (update, done) = &mut *fused;
+        if let Some(update) = update {
+            for v in &self.vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    if !done.insert(v.as_tensor().id()) {
+                        return Err(candle_core::Error::Msg(
+                            "fused backward pass: a weight is read by two blocks (its gradient would be split)".into(),
+                        ));
+                    }
+                    update(v, g.detach())?;
+                }
+            }
+            return Ok(());
+        }
+        drop(fused);
         let mut map = self.lock()?;
         for v in &self.vars {
             if let Some(g) = grads.get(v.as_tensor()) {
@@ -445,5 +496,84 @@ mod tests {
         // No tracking at all (inference): plain evaluation, no op.
         let y = no_grad(|| ck.run2(&x, &c0.as_tensor().detach(), f.clone())).unwrap();
         assert!(!y.track_op());
+    }
+
+    /// The fused backward pass: each block's weight gradient reaches the update once,
+    /// equal to the plain graph's, while the backward runs; updating the weight there
+    /// leaves the gradients of everything before the block as they were (the block's own
+    /// backward is done with the weight); a weight read by two blocks is an error.
+    #[test]
+    fn fused_update_takes_each_block_gradient_once() {
+        let dev = Device::Cpu;
+        let var = |v: &[f32]| Var::from_tensor(&Tensor::new(v, &dev).unwrap()).unwrap();
+        let block = |w: &Var| -> Block2 {
+            let w = w.clone();
+            Arc::new(move |x: &Tensor, c: &Tensor| {
+                x.broadcast_mul(&super::super::grad::param(&w))?
+                    .tanh()?
+                    .broadcast_add(c)
+            })
+        };
+        let (w1, w2) = (var(&[1.5, -0.5]), var(&[0.25, 2.0]));
+        let x0 =
+            Var::from_tensor(&Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0]], &dev).unwrap()).unwrap();
+        let c = Tensor::new(&[0.5f32, -0.5], &dev).unwrap();
+        let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = (x0.as_tensor() * 1.0).unwrap();
+        let plain = loss(block(&w2)(&block(&w1)(&x, &c).unwrap(), &c).unwrap())
+            .backward()
+            .unwrap();
+        for staged in [true, false] {
+            let ck = match staged {
+                true => Checkpointing::keep(vec![w1.clone(), w2.clone()]),
+                false => Checkpointing::new(vec![w1.clone(), w2.clone()]),
+            };
+            let seen: Arc<Mutex<Vec<(TensorId, Vec<f32>)>>> = Arc::default();
+            let log = seen.clone();
+            ck.fuse(Some(Box::new(move |w: &Var, g: Tensor| {
+                log.lock().unwrap().push((w.as_tensor().id(), v(&g)));
+                w.set(&w.as_tensor().zeros_like()?)
+            })))
+            .unwrap();
+            let (w1_0, w2_0) = (
+                w1.as_tensor().copy().unwrap(),
+                w2.as_tensor().copy().unwrap(),
+            );
+            let x = (x0.as_tensor() * 1.0).unwrap();
+            let h = ck.run2(&x, &c, block(&w1)).unwrap();
+            let g = loss(ck.run2(&h, &c, block(&w2)).unwrap())
+                .backward()
+                .unwrap();
+            let seen = seen.lock().unwrap().clone();
+            let ids: Vec<_> = seen.iter().map(|s| s.0).collect();
+            assert_eq!(
+                ids,
+                [w2.as_tensor().id(), w1.as_tensor().id()],
+                "staged {staged}"
+            );
+            assert_eq!(seen[0].1, v(plain.get(w2.as_tensor()).unwrap()));
+            assert_eq!(seen[1].1, v(plain.get(w1.as_tensor()).unwrap()));
+            assert_eq!(
+                v(g.get(x0.as_tensor()).unwrap()),
+                v(plain.get(x0.as_tensor()).unwrap())
+            );
+            assert!(ck.take(&w1).unwrap().is_none());
+            assert!(ck.fused_done(&w1).unwrap() && ck.fused_done(&w2).unwrap());
+            assert_eq!(v(w1.as_tensor()), [0.0, 0.0]);
+            ck.clear().unwrap();
+            assert!(!ck.fused_done(&w1).unwrap());
+            w1.set(&w1_0).unwrap();
+            w2.set(&w2_0).unwrap();
+
+            // One weight in two blocks: the second one to see it refuses.
+            let x = (x0.as_tensor() * 1.0).unwrap();
+            let h = ck.run2(&x, &c, block(&w1)).unwrap();
+            let err = loss(ck.run2(&h, &c, block(&w1)).unwrap())
+                .backward()
+                .unwrap_err();
+            assert!(err.to_string().contains("read by two blocks"), "{err}");
+            w1.set(&w1_0).unwrap();
+        }
     }
 }

@@ -164,57 +164,56 @@ fn update(
 }
 
 impl Optimizer {
-    /// One Adafactor update; `lrs` are used only without `relative_step`.
-    pub(super) fn step_adafactor(
+    /// Adafactor's update of one parameter; `lr` is used only without `relative_step`.
+    pub(super) fn update_adafactor(
         &mut self,
-        grads: &[Vec<Tensor>],
-        lrs: &[f64],
+        gi: usize,
+        vi: usize,
+        grad: &Tensor,
+        lr: f64,
     ) -> candle_core::Result<()> {
-        self.steps += 1;
         let t = self.steps;
         let (a, wd) = (self.hyper.adafactor, self.hyper.weight_decay);
-        let mut applied = vec![0.0; self.groups.len()];
-        for (gi, group) in self.groups.iter().enumerate() {
-            for (vi, var) in group.vars.iter().enumerate() {
-                // Detached: the moments must not keep a graph.
-                let g = grads[gi][vi].detach().to_dtype(DType::F32)?;
-                let dims = var.dims();
-                if factored(dims) && a.beta1.is_none() && super::in_place_f32(var.as_tensor()) {
-                    let (row_dims, col_dims) = factor_dims(dims);
-                    let rank = dims.len();
-                    let op = super::adafactor_cpu::InPlace {
-                        state: std::cell::RefCell::new(&mut self.factored[gi][vi]),
-                        args: a,
-                        weight_decay: wd,
-                        lr: lrs[gi],
-                        t,
-                        shape: (
-                            dims[..rank - 2].iter().product(),
-                            dims[rank - 2],
-                            dims[rank - 1],
-                        ),
-                        row_dims,
-                        col_dims,
-                        applied: std::cell::Cell::new(0.0),
-                    };
-                    super::update_in_place(var, &g, &op)?;
-                    if vi == 0 {
-                        applied[gi] = op.applied.get();
-                    }
-                    continue;
-                }
-                let p = var.as_tensor().detach().to_dtype(DType::F32)?;
-                let n = p.elem_count() as f64;
-                let rms = scalar(p.sqr()?.sum_all()?)?.sqrt() / n.sqrt();
-                let lr = a.lr(lrs[gi], t, rms);
-                if vi == 0 {
-                    applied[gi] = lr;
-                }
-                let new_p = update(&mut self.factored[gi][vi], &a, wd, &p, &g, lr, t)?;
-                var.set(&new_p.to_dtype(var.dtype())?)?;
-            }
+        let var = &self.groups[gi].vars[vi];
+        // Detached: the moments must not keep a graph.
+        let g = grad.detach().to_dtype(DType::F32)?;
+        let dims = var.dims();
+        let applied = if factored(dims) && a.beta1.is_none() && super::in_place_f32(var.as_tensor())
+        {
+            let (row_dims, col_dims) = factor_dims(dims);
+            let rank = dims.len();
+            let op = super::adafactor_cpu::InPlace {
+                state: std::cell::RefCell::new(&mut self.factored[gi][vi]),
+                args: a,
+                weight_decay: wd,
+                lr,
+                t,
+                shape: (
+                    dims[..rank - 2].iter().product(),
+                    dims[rank - 2],
+                    dims[rank - 1],
+                ),
+                row_dims,
+                col_dims,
+                applied: std::cell::Cell::new(0.0),
+            };
+            super::update_in_place(var, &g, &op)?;
+            op.applied.get()
+        } else {
+            let p = var.as_tensor().detach().to_dtype(DType::F32)?;
+            let n = p.elem_count() as f64;
+            let rms = scalar(p.sqr()?.sum_all()?)?.sqrt() / n.sqrt();
+            let lr = a.lr(lr, t, rms);
+            let new_p = update(&mut self.factored[gi][vi], &a, wd, &p, &g, lr, t)?;
+            var.set(&new_p.to_dtype(var.dtype())?)?;
+            lr
+        };
+        // The rate reported for a group is its first parameter's (AdafactorSchedule).
+        if vi == 0
+            && let Some(r) = self.adafactor_lrs.get_mut(gi)
+        {
+            *r = applied;
         }
-        self.adafactor_lrs = applied;
         Ok(())
     }
 }

@@ -401,45 +401,39 @@ pub(super) fn state_bytes(min_8bit_size: usize, n: u64) -> u64 {
 }
 
 impl Optimizer {
-    /// One AdamW8bit update with the rate `lrs[g]` for group `g`.
-    pub(super) fn step_adamw8bit(
+    /// bnb's AdamW8bit update of one parameter.
+    pub(super) fn update_adamw8bit(
         &mut self,
-        grads: &[Vec<Tensor>],
-        lrs: &[f64],
+        gi: usize,
+        vi: usize,
+        grad: &Tensor,
+        lr: f64,
     ) -> candle_core::Result<()> {
-        self.steps += 1;
-        let t = self.steps;
         let h = self.hyper;
-        for (gi, group) in self.groups.iter().enumerate() {
-            let k = Consts::new(&h, lrs[gi], t);
-            for (vi, var) in group.vars.iter().enumerate() {
-                let g = grads[gi][vi].detach().to_dtype(DType::F32)?;
-                let n = var.elem_count();
-                if n < h.min_8bit_size {
-                    let p = var.as_tensor().detach().to_dtype(DType::F32)?;
-                    let new_p = update_f32(&mut self.state[gi][vi], &p, &g, k)?;
-                    var.set(&new_p.to_dtype(var.dtype())?)?;
-                    continue;
-                }
-                let q = self.quantized[gi][vi].get_or_insert_with(|| Quantized::zeros(n));
-                if super::in_place_f32(var.as_tensor()) {
-                    let op = InPlace {
-                        q: std::cell::RefCell::new(q),
-                        k,
-                    };
-                    super::update_in_place(var, &g, &op)?;
-                    continue;
-                }
-                // Other dtypes and devices: through a copy on the CPU.
-                let p = var.as_tensor().detach().to_dtype(DType::F32)?;
-                let mut pv = p.flatten_all()?.to_vec1::<f32>()?;
-                let gv = g.flatten_all()?.to_vec1::<f32>()?;
-                update_blocks(&mut pv, &gv, q, k);
-                let new_p = Tensor::from_vec(pv, p.dims(), p.device())?;
-                var.set(&new_p.to_dtype(var.dtype())?)?;
-            }
+        let k = Consts::new(&h, lr, self.steps);
+        let var = &self.groups[gi].vars[vi];
+        let g = grad.detach().to_dtype(DType::F32)?;
+        let n = var.elem_count();
+        if n < h.min_8bit_size {
+            let p = var.as_tensor().detach().to_dtype(DType::F32)?;
+            let new_p = update_f32(&mut self.state[gi][vi], &p, &g, k)?;
+            return var.set(&new_p.to_dtype(var.dtype())?);
         }
-        Ok(())
+        let q = self.quantized[gi][vi].get_or_insert_with(|| Quantized::zeros(n));
+        if super::in_place_f32(var.as_tensor()) {
+            let op = InPlace {
+                q: std::cell::RefCell::new(q),
+                k,
+            };
+            return super::update_in_place(var, &g, &op);
+        }
+        // Other dtypes and devices: through a copy on the CPU.
+        let p = var.as_tensor().detach().to_dtype(DType::F32)?;
+        let mut pv = p.flatten_all()?.to_vec1::<f32>()?;
+        let gv = g.flatten_all()?.to_vec1::<f32>()?;
+        update_blocks(&mut pv, &gv, q, k);
+        let new_p = Tensor::from_vec(pv, p.dims(), p.device())?;
+        var.set(&new_p.to_dtype(var.dtype())?)
     }
 }
 

@@ -326,84 +326,119 @@ impl Optimizer {
 
     /// One update with `grads[g][i]` for `groups[g].vars[i]` and `lrs[g]`.
     pub fn step(&mut self, grads: &[Vec<Tensor>], lrs: &[f64]) -> candle_core::Result<()> {
-        match self.hyper.kind {
-            OptimizerKind::Prodigy => return self.step_prodigy(grads, lrs),
-            OptimizerKind::Adafactor => return self.step_adafactor(grads, lrs),
-            OptimizerKind::AdamW8bit => return self.step_adamw8bit(grads, lrs),
-            _ => {}
+        if self.hyper.kind == OptimizerKind::Prodigy {
+            return self.step_prodigy(grads, lrs);
         }
-        self.steps += 1;
-        let h = self.hyper;
-        let t = self.steps as i32;
-        for (gi, group) in self.groups.iter().enumerate() {
-            let lr = lrs[gi];
-            for (vi, var) in group.vars.iter().enumerate() {
-                // Detached: neither the update nor the moments may hold a graph.
-                let g = grads[gi][vi].detach().to_dtype(DType::F32)?;
-                let (m, v) = &mut self.state[gi][vi];
-                if matches!(h.kind, OptimizerKind::AdamW | OptimizerKind::Lion)
-                    && in_place_f32(var.as_tensor())
-                {
-                    adamw_cpu::step(h, var, &g, (m, v), lr, t)?;
-                    continue;
-                }
-                let p = var.as_tensor().detach().to_dtype(DType::F32)?;
-                let new_p = match h.kind {
-                    OptimizerKind::AdamW => {
-                        let p = (&p * (1.0 - lr * h.weight_decay))?;
-                        let m1 = match m.take() {
-                            Some(m) => ((m * h.beta1)? + (&g * (1.0 - h.beta1))?)?,
-                            None => (&g * (1.0 - h.beta1))?,
-                        };
-                        let g2 = g.sqr()?;
-                        let v1 = match v.take() {
-                            Some(v) => ((v * h.beta2)? + (g2 * (1.0 - h.beta2))?)?,
-                            None => (g2 * (1.0 - h.beta2))?,
-                        };
-                        let bc1 = 1.0 - h.beta1.powi(t);
-                        let bc2 = 1.0 - h.beta2.powi(t);
-                        let denom = ((v1.sqrt()? / bc2.sqrt())? + h.eps)?;
-                        let upd = (m1.div(&denom)? * (lr / bc1))?;
-                        *m = Some(m1);
-                        *v = Some(v1);
-                        (p - upd)?
-                    }
-                    OptimizerKind::Lion => {
-                        let p = (&p * (1.0 - lr * h.weight_decay))?;
-                        let m0 = match m.take() {
-                            Some(m) => m,
-                            None => g.zeros_like()?,
-                        };
-                        let c = ((&m0 * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
-                        let upd = (c.sign()? * lr)?;
-                        *m = Some(((m0 * h.beta2)? + (&g * (1.0 - h.beta2))?)?);
-                        (p - upd)?
-                    }
-                    OptimizerKind::Prodigy
-                    | OptimizerKind::Adafactor
-                    | OptimizerKind::AdamW8bit => unreachable!("their own step"),
-                    OptimizerKind::Sgd => {
-                        let g = if h.weight_decay != 0.0 {
-                            (&g + (&p * h.weight_decay)?)?
-                        } else {
-                            g
-                        };
-                        let d = if h.momentum != 0.0 {
-                            let b = match m.take() {
-                                Some(b) => ((b * h.momentum)? + &g)?,
-                                None => g,
-                            };
-                            *m = Some(b.clone());
-                            b
-                        } else {
-                            g
-                        };
-                        (p - (d * lr)?)?
-                    }
-                };
-                var.set(&new_p.to_dtype(var.dtype())?)?;
+        self.begin_step();
+        for (gi, gs) in grads.iter().enumerate() {
+            for (vi, g) in gs.iter().enumerate() {
+                self.update_one(gi, vi, g, lrs[gi])?;
             }
         }
+        Ok(())
+    }
+
+    /// Whether each parameter's update depends on its own gradient only, so that it can
+    /// be applied as soon as that gradient exists ([`Self::update_one`]): all but Prodigy,
+    /// whose step size sums over every parameter.
+    pub fn updates_per_parameter(&self) -> bool {
+        self.hyper.kind != OptimizerKind::Prodigy
+    }
+
+    /// Starts an update made of [`Self::update_one`] calls, one per parameter, in any
+    /// order (the fused backward pass); [`Self::step`] is this and every parameter.
+    pub fn begin_step(&mut self) {
+        self.steps += 1;
+        if self.hyper.kind == OptimizerKind::Adafactor {
+            self.adafactor_lrs = vec![0.0; self.groups.len()];
+        }
+    }
+
+    /// Updates `groups[gi].vars[vi]` with its gradient `grad` at rate `lr`, as part of the
+    /// update [`Self::begin_step`] started (not for Prodigy).
+    pub fn update_one(
+        &mut self,
+        gi: usize,
+        vi: usize,
+        grad: &Tensor,
+        lr: f64,
+    ) -> candle_core::Result<()> {
+        match self.hyper.kind {
+            OptimizerKind::Prodigy => {
+                return Err(candle_core::Error::Msg(
+                    "prodigy updates every parameter at once".into(),
+                ));
+            }
+            OptimizerKind::Adafactor => return self.update_adafactor(gi, vi, grad, lr),
+            OptimizerKind::AdamW8bit => return self.update_adamw8bit(gi, vi, grad, lr),
+            _ => {}
+        }
+        let h = self.hyper;
+        let t = self.steps as i32;
+        let var = &self.groups[gi].vars[vi];
+        // Detached: neither the update nor the moments may hold a graph.
+        let g = grad.detach().to_dtype(DType::F32)?;
+        let (m, v) = &mut self.state[gi][vi];
+        if matches!(h.kind, OptimizerKind::AdamW | OptimizerKind::Lion)
+            && in_place_f32(var.as_tensor())
+        {
+            return adamw_cpu::step(h, var, &g, (m, v), lr, t);
+        }
+        let p = var.as_tensor().detach().to_dtype(DType::F32)?;
+        let new_p = match h.kind {
+            OptimizerKind::AdamW => {
+                let p = (&p * (1.0 - lr * h.weight_decay))?;
+                let m1 = match m.take() {
+                    Some(m) => ((m * h.beta1)? + (&g * (1.0 - h.beta1))?)?,
+                    None => (&g * (1.0 - h.beta1))?,
+                };
+                let g2 = g.sqr()?;
+                let v1 = match v.take() {
+                    Some(v) => ((v * h.beta2)? + (g2 * (1.0 - h.beta2))?)?,
+                    None => (g2 * (1.0 - h.beta2))?,
+                };
+                let bc1 = 1.0 - h.beta1.powi(t);
+                let bc2 = 1.0 - h.beta2.powi(t);
+                let denom = ((v1.sqrt()? / bc2.sqrt())? + h.eps)?;
+                let upd = (m1.div(&denom)? * (lr / bc1))?;
+                *m = Some(m1);
+                *v = Some(v1);
+                (p - upd)?
+            }
+            OptimizerKind::Lion => {
+                let p = (&p * (1.0 - lr * h.weight_decay))?;
+                let m0 = match m.take() {
+                    Some(m) => m,
+                    None => g.zeros_like()?,
+                };
+                let c = ((&m0 * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
+                let upd = (c.sign()? * lr)?;
+                *m = Some(((m0 * h.beta2)? + (&g * (1.0 - h.beta2))?)?);
+                (p - upd)?
+            }
+            OptimizerKind::Prodigy | OptimizerKind::Adafactor | OptimizerKind::AdamW8bit => {
+                unreachable!("their own step")
+            }
+            OptimizerKind::Sgd => {
+                let g = if h.weight_decay != 0.0 {
+                    (&g + (&p * h.weight_decay)?)?
+                } else {
+                    g
+                };
+                let d = if h.momentum != 0.0 {
+                    let b = match m.take() {
+                        Some(b) => ((b * h.momentum)? + &g)?,
+                        None => g,
+                    };
+                    *m = Some(b.clone());
+                    b
+                } else {
+                    g
+                };
+                (p - (d * lr)?)?
+            }
+        };
+        var.set(&new_p.to_dtype(var.dtype())?)?;
         Ok(())
     }
 
