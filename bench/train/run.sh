@@ -10,6 +10,8 @@
 # GRADIENT_CHECKPOINTING=1: both sides recompute UNet blocks in the backward.
 # METHOD=dreambooth|textual_inversion|hypernetwork (default lora): the other methods, set up
 # as torch_train.py describes; OPTIMIZER=adamw|adafactor|adamw8bit for dreambooth.
+# FUSED=1 (dreambooth): both sides update each weight inside the backward (kohya's
+# --fused_backward_pass; sdkit's --fused-backward-pass).
 # SDKIT_BIN=path times that sdkit binary (an A/B against a saved build); SKIP_TORCH=1 skips
 # the PyTorch side. Extra sdkit arguments: SDKIT_ARGS (e.g. "--resolution 768
 # --train-batch-size 2"; the PyTorch side takes RESOLUTION and BATCH).
@@ -42,7 +44,8 @@ rm -rf "$OUT/run"
 /usr/bin/time -f "sdkit peak RSS %M KB" "$BIN" train "${ARGS[@]}" --model "$MODEL" --data "$OUT/data" \
   --out "$OUT/run" --output-name bench \
   --max-train-steps "$STEPS" --cache-latents --seed 0 --json --quiet \
-  $([ "${GRADIENT_CHECKPOINTING:-}" = 1 ] && echo --gradient-checkpointing) ${SDKIT_ARGS:-} \
+  $([ "${GRADIENT_CHECKPOINTING:-}" = 1 ] && echo --gradient-checkpointing) \
+  $([ "${FUSED:-}" = 1 ] && echo --fused-backward-pass) ${SDKIT_ARGS:-} \
   > "$OUT/sdkit.json"
 "$REFPY" - "$OUT/sdkit.json" <<'PY'
 import json, sys

@@ -8,6 +8,8 @@ proj_in / proj_out, text-encoder q/k/v/out_proj and fc1/fc2; AdamW lr 1e-4; batc
 LoRA) -> noise -> UNet forward + backward -> clip grad norm 1.0 -> AdamW step. Latents are encoded first (the caching rate of
 diffusers' VAE encode). Prints seconds per step (mean of steps 2..N), caching rate, peak RSS.
 GRADIENT_CHECKPOINTING=1 turns on diffusers' gradient checkpointing of the UNet.
+FUSED=1 (dreambooth): kohya's --fused_backward_pass, each parameter clipped to norm 1.0 and
+updated by its own optimizer in a post-accumulate-grad hook, its gradient dropped at once.
 
 METHOD selects what trains (default lora), each as the reference scripts set it up:
   dreambooth          every UNet weight (diffusers' train_dreambooth.py, text encoder frozen);
@@ -158,6 +160,19 @@ def main():
             te.requires_grad_(False)
         params, after_step = trainable(method, unet, te)
         opt, kind = optimizer(params, method)
+    fused = os.environ.get("FUSED") == "1"
+    if fused:
+        # As kohya's sdxl_train.py: the update inside the backward, per parameter.
+        per_param = {p: optimizer([p], method)[0] for p in params}
+
+        def hook(p):
+            torch.nn.utils.clip_grad_norm_([p], 1.0)
+            per_param[p].step()
+            p.grad = None
+
+        for p in params:
+            p.register_post_accumulate_grad_hook(hook)
+        kind += ", fused backward pass"
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     ids = torch.tensor([[49406, 320, 1125, 539, 320, 5921, 267, 4313, 267, 9057, 49407] + [49407] * 66])
     if method == "textual_inversion":
@@ -174,8 +189,9 @@ def main():
         pred = unet(noisy, ts, encoder_hidden_states=ctx).sample
         loss = F.mse_loss(pred, noise)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        if not fused:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
         after_step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)

@@ -200,7 +200,8 @@ pub fn encode_captions(
 /// gradient checkpointing, i.e. ~5.7 GB of activations per 64x64 latent image (~0.7 GB
 /// when recomputed). DreamBooth (Adafactor 13.1 GB, AdamW8bit 12.9 GB measured with the
 /// staged backward) comes out at 16.2 / 16.1 GB: gradients grow while activations are
-/// freed, so the sum is an upper bound. Scaled by the UNet's width
+/// freed, so the sum is an upper bound; with the fused backward pass (no gradients held;
+/// Adafactor 10.6 GB measured) at 12.7 GB. Scaled by the UNet's width
 /// (SD1.5's channels sum to 3520), latent area, batch and element size.
 fn memory_estimate(
     models: &Models,
