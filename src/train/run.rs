@@ -1188,7 +1188,7 @@ fn train<'a>(
             // Free the training state first. An adapter's grid renders on the base model
             // already loaded (the adapter taken off); a DreamBooth run's checkpoints load
             // per column.
-            drop((opt, cache, checkpointing));
+            drop((opt, cache, checkpointing, fused));
             let Ctx { models, method, .. } = cx;
             drop(method);
             let reuse = (spec.columns != super::grid::Columns::Model).then_some(models);
