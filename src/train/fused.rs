@@ -88,9 +88,9 @@ impl Fused {
         let lock = || opt.lock().map_err(|_| err("poisoned"));
         let (index, shared, rates) = (self.index.clone(), opt.clone(), lrs.to_vec());
         let update: FusedUpdate = Box::new(move |v: &Var, g: Tensor| {
-            let Some(&(gi, vi)) = index.get(&v.as_tensor().id()) else {
-                return Ok(());
-            };
+            let &(gi, vi) = index
+                .get(&v.as_tensor().id())
+                .ok_or_else(|| err("a block weight the optimizer does not hold"))?;
             let g = clip(g, max_norm)?;
             let mut o = shared.lock().map_err(|_| err("poisoned"))?;
             o.update_one(gi, vi, &g, rates[gi])

@@ -338,13 +338,6 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Whether each parameter's update depends on its own gradient only, so that it can
-    /// be applied as soon as that gradient exists ([`Self::update_one`]): all but Prodigy,
-    /// whose step size sums over every parameter.
-    pub fn updates_per_parameter(&self) -> bool {
-        self.hyper.kind != OptimizerKind::Prodigy
-    }
-
     /// Starts an update made of [`Self::update_one`] calls, one per parameter, in any
     /// order (the fused backward pass); [`Self::step`] is this and every parameter.
     pub fn begin_step(&mut self) {
