@@ -93,36 +93,36 @@ impl<'a, T> Kernel<'a, T> {
 
 /// Geometry of one padded stride-1 convolution.
 #[derive(Clone, Copy, Debug)]
-struct Geom {
-    b: usize,
-    h: usize,
-    w: usize,
-    pad: usize,
-    k: usize,
+pub(super) struct Geom {
+    pub(super) b: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) pad: usize,
+    pub(super) k: usize,
 }
 
 impl Geom {
-    fn hp(&self) -> usize {
+    pub(super) fn hp(&self) -> usize {
         self.h + 2 * self.pad
     }
-    fn wp(&self) -> usize {
+    pub(super) fn wp(&self) -> usize {
         self.w + 2 * self.pad
     }
-    fn oh(&self) -> usize {
+    pub(super) fn oh(&self) -> usize {
         self.hp() + 1 - self.k
     }
-    fn ow(&self) -> usize {
+    pub(super) fn ow(&self) -> usize {
         self.wp() + 1 - self.k
     }
-    fn img(&self) -> usize {
+    pub(super) fn img(&self) -> usize {
         self.hp() * self.wp()
     }
     /// Length of one padded channel row: all images plus the spare the last taps read.
-    fn row(&self) -> usize {
+    pub(super) fn row(&self) -> usize {
         self.b * self.img() + self.k - 1
     }
     /// Wide output columns: up to the last valid output of the last image.
-    fn n(&self) -> usize {
+    pub(super) fn n(&self) -> usize {
         (self.b - 1) * self.img() + self.oh() * self.wp()
     }
 }
@@ -136,14 +136,14 @@ fn parallelism() -> Parallelism {
 
 /// A GEMM operand: element (r, c) at `r * rs + c * cs` of `data` (strides non-negative).
 #[derive(Clone, Copy)]
-struct Mat<'a, T> {
+pub(super) struct Mat<'a, T> {
     data: &'a [T],
     rs: isize,
     cs: isize,
 }
 
 impl<'a, T> Mat<'a, T> {
-    fn new(data: &'a [T], rs: isize, cs: isize) -> Self {
+    pub(super) fn new(data: &'a [T], rs: isize, cs: isize) -> Self {
         Self { data, rs, cs }
     }
 }
@@ -151,7 +151,7 @@ impl<'a, T> Mat<'a, T> {
 /// `dst = [dst +] lhs (m x k) @ rhs (k x n)` through the `gemm` crate on all threads, with
 /// `dst`'s element (r, c) at `r * drs + c * dcs`. Every index the strides reach is checked
 /// against its slice first.
-fn matmul<T: WithDType>(
+pub(super) fn matmul<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     (drs, dcs): (isize, isize),
@@ -204,7 +204,7 @@ fn matmul<T: WithDType>(
 }
 
 /// `x [B, C, H, W]` (contiguous) padded by `g.pad` into `[C, B, Hp, Wp]` + spare per channel.
-fn pad_input<T: WithDType>(x: &[T], c: usize, g: Geom) -> Vec<T> {
+pub(super) fn pad_input<T: WithDType>(x: &[T], c: usize, g: Geom) -> Vec<T> {
     let zero = T::from_f64(0.0);
     let (row, img, wp, p) = (g.row(), g.img(), g.wp(), g.pad);
     let mut out = vec![zero; c * row];
@@ -230,7 +230,7 @@ fn pad_input<T: WithDType>(x: &[T], c: usize, g: Geom) -> Vec<T> {
 /// tap GEMMs stay ahead (forward 0.045 vs 0.051 s).
 const SMALL_HW: usize = 32 * 32;
 
-fn small(g: Geom) -> bool {
+pub(super) fn small(g: Geom) -> bool {
     g.h * g.w <= SMALL_HW
 }
 
@@ -326,7 +326,7 @@ fn input_grad_col2im<T: WithDType>(
 }
 
 /// Wide `[C, N]` rows back to `[B, C, OH, OW]`, plus `bias[c]` on every channel when given.
-fn unwide<T: WithDType>(wide: &[T], c: usize, g: Geom, bias: Option<&[T]>) -> Vec<T> {
+pub(super) fn unwide<T: WithDType>(wide: &[T], c: usize, g: Geom, bias: Option<&[T]>) -> Vec<T> {
     let (oh, ow, wp, n) = (g.oh(), g.ow(), g.wp(), g.n());
     let mut out = vec![T::from_f64(0.0); g.b * c * oh * ow];
     out.par_chunks_mut(oh * ow)
@@ -510,7 +510,7 @@ fn conv_s1_kernel_grad<T: WithDType>(
 }
 
 /// A contiguous CPU tensor's elements (a copy only where it is not contiguous).
-fn with_slice<T: WithDType, R>(
+pub(super) fn with_slice<T: WithDType, R>(
     t: &Tensor,
     f: impl FnOnce(&[T]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
@@ -794,11 +794,12 @@ pub fn conv2d_strided_input_grad(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::{DType, Var};
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    /// Deterministic values in [-1, 1) (f64), independent of candle's RNG.
+    pub(in crate::model::nn) fn randn(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let v: Vec<f64> = (0..n)
@@ -812,7 +813,8 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_err(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    /// (largest absolute difference, largest magnitude of `b`).
+    pub(in crate::model::nn) fn max_err(a: &Tensor, b: &Tensor) -> (f64, f64) {
         assert_eq!(a.dims(), b.dims());
         let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
         let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();

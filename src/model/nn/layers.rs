@@ -9,6 +9,7 @@ use super::conv_cpu::{conv2d, conv2d_s1_input_grad, conv2d_s1_kernel_grad};
 use super::fused_cpu;
 use super::grad::{input_grad_only, input_grad_only_cpu, param, scale_shift_frozen};
 use super::lowrank_cpu;
+use super::upconv_cpu;
 use crate::model::Result;
 use crate::model::weights::{Param, Weights};
 use candle_core::{D, DType, Tensor, Var};
@@ -220,6 +221,24 @@ impl Conv2d {
             y = (y + (h * d.scale)?)?;
         }
         Ok(y)
+    }
+}
+
+impl Conv2d {
+    /// `self.forward(nearest-upsample x to th x tw)`, diffusers' `Upsample2D`. Where the
+    /// size doubles, the kernel is a frozen 3x3 with padding 1 and no adapter, the CPU
+    /// computes it from `x` itself (`upconv_cpu`: four 2x2 phase convolutions, 4/9 of the
+    /// multiply-adds, and the input gradient likewise), never building the upsampled image.
+    pub fn forward_upsampled(&self, x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        if let (Param::Frozen(wt), true, None) = (&self.weight, frozen(&self.bias), &self.delta)
+            && (th, tw, self.stride, self.padding) == (2 * h, 2 * w, 1, 1)
+            && upconv_cpu::applies(x, wt)
+        {
+            let b = self.bias.as_ref().map(|b| b.value());
+            return Ok(upconv_cpu::upsample2x_conv3x3(x, wt, b.as_ref())?);
+        }
+        self.forward(&upsample_nearest(x, th, tw)?)
     }
 }
 
@@ -826,6 +845,47 @@ mod tests {
             &|x| lin.forward(x).unwrap(),
             &[2, 3, 4],
             &f64t(&[2, 3, 5], 12),
+        );
+    }
+
+    /// `forward_upsampled` equals upsample-then-`forward` on every path: the phase kernels
+    /// (frozen 3x3), a trainable weight (which must still get its gradient) and a size
+    /// that is not a doubling; its input gradient matches finite differences.
+    #[test]
+    fn forward_upsampled_equals_upsample_then_conv() {
+        let f64t = |shape: &[usize], seed| randn(shape, seed).to_dtype(DType::F64).unwrap();
+        let (w, b) = (f64t(&[3, 2, 3, 3], 7), f64t(&[3], 8));
+        let frozen = Conv2d {
+            weight: Param::Frozen(w.clone()),
+            bias: Some(Param::Frozen(b.clone())),
+            delta: None,
+            stride: 1,
+            padding: 1,
+        };
+        let wv = Var::from_tensor(&w).unwrap();
+        let trainable = Conv2d {
+            weight: Param::Trainable(wv.clone()),
+            ..frozen.clone()
+        };
+        let x = f64t(&[2, 2, 5, 4], 1);
+        for (th, tw) in [(10, 8), (7, 9)] {
+            let want = frozen
+                .forward(&upsample_nearest(&x, th, tw).unwrap())
+                .unwrap();
+            for conv in [&frozen, &trainable] {
+                let got = conv.forward_upsampled(&x, th, tw).unwrap();
+                let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(d.to_scalar::<f64>().unwrap() < 1e-12, "{th}x{tw}");
+            }
+        }
+        let y = trainable.forward_upsampled(&x, 10, 8).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(wv.as_tensor()).is_some());
+        let r = f64t(&[1, 3, 10, 8], 9);
+        check_grad_with(
+            &|x| frozen.forward_upsampled(x, 10, 8).unwrap(),
+            &[1, 2, 5, 4],
+            &r,
         );
     }
 

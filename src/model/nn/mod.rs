@@ -16,6 +16,7 @@ mod fused_cpu;
 pub mod grad;
 mod layers;
 mod lowrank_cpu;
+mod upconv_cpu;
 
 pub use layers::*;
 pub mod walk;

@@ -222,7 +222,7 @@ impl UpBlock {
                 Some(s) => (s.dim(2)?, s.dim(3)?),
                 None => (2 * h, 2 * w),
             };
-            x = conv.forward(&crate::model::nn::upsample_nearest(&x, th, tw)?)?;
+            x = conv.forward_upsampled(&x, th, tw)?;
         }
         Ok(x)
     }

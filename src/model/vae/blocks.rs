@@ -179,7 +179,7 @@ impl Stage {
         if let Some(conv) = &self.resample {
             x = if self.up {
                 let (_, _, h, w) = x.dims4()?;
-                conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?
+                conv.forward_upsampled(&x, 2 * h, 2 * w)?
             } else {
                 conv.forward(&x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?
             };
