@@ -457,9 +457,9 @@ fn vae(dir: &Path, runs: usize) -> Result<()> {
         img = Some(y);
     }
     let path = dir.join("decoded_py.safetensors");
-    let want = candle_core::safetensors::load(&path, &Device::Cpu)
+    let file = candle_core::safetensors::load(&path, &Device::Cpu)
         .with_context(|| format!("{}", path.display()))?;
-    let want = want.get("image").context("no `image` tensor")?;
+    let want = file.get("image").context("no `image` tensor")?;
     let img = img.context("no run")?;
     let err = (&img - want)?.abs()?.max_all()?.to_scalar::<f32>()?
         / want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
@@ -469,6 +469,44 @@ fn vae(dir: &Path, runs: usize) -> Result<()> {
         peak_rss_gb()
     );
     anyhow::ensure!(err < 1e-3, "decode differs from diffusers: rel err {err}");
+    let x = file.get("input").context("no `input` tensor")?;
+    let mut times = Vec::new();
+    let mut mean = None;
+    for _ in 0..runs.max(1) {
+        let (m, s) = timed(|| Ok(vae.encode(x)?.mean))?;
+        times.push(s);
+        mean = Some(m);
+    }
+    let want = file.get("latent_mean").context("no `latent_mean` tensor")?;
+    let mean = mean.context("no run")?;
+    let err = (&mean - want)?.abs()?.max_all()?.to_scalar::<f32>()?
+        / want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "sdkit encode 512x512: best {best:.2} s, runs {times:.2?}, rel err vs diffusers {err:.1e}"
+    );
+    anyhow::ensure!(err < 1e-3, "encode differs from diffusers: rel err {err}");
+    // Each decoder Upsample2D both ways, at the sizes a 512x512 decode gives it.
+    let mut size = 64;
+    for stage in &vae.decoder.up_blocks {
+        let Some(conv) = stage.resample.as_ref().filter(|_| stage.up) else {
+            continue;
+        };
+        let c = conv.weight.value().dim(1)?;
+        let x = randn(&[1, c, size, size], 5)?;
+        let (mut phase, mut plain) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..runs.max(1) {
+            phase = phase.min(timed(|| Ok(conv.forward_upsampled(&x, 2 * size, 2 * size)?))?.1);
+            let up = |x: &Tensor| sdkit::model::nn::upsample_nearest(x, 2 * size, 2 * size);
+            plain = plain.min(timed(|| Ok(conv.forward(&up(&x)?)?))?.1);
+        }
+        println!(
+            "  upsampler {c} ch {size}->{}: phase kernels {phase:.3} s, upsample + conv {plain:.3} s ({:.2}x)",
+            2 * size,
+            phase / plain
+        );
+        size *= 2;
+    }
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 512x512 VAE decode (SD config, random weights, f32, CPU): diffusers vs sdkit.
+# 512x512 VAE decode and encode (SD config, random weights, f32, CPU): diffusers vs sdkit.
 # Usage: bench/vae/run.sh [RUNS]   (needs $REFPY: source /work/shared/scripts/refenv.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
