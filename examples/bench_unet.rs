@@ -461,8 +461,7 @@ fn vae(dir: &Path, runs: usize) -> Result<()> {
         .with_context(|| format!("{}", path.display()))?;
     let want = file.get("image").context("no `image` tensor")?;
     let img = img.context("no run")?;
-    let err = (&img - want)?.abs()?.max_all()?.to_scalar::<f32>()?
-        / want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+    let err = rel_err(&img, want)?;
     let best = times.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
         "sdkit decode 512x512: best {best:.2} s, runs {times:.2?}, rel err vs diffusers {err:.1e}, peak RSS {:.2} GB",
@@ -479,8 +478,7 @@ fn vae(dir: &Path, runs: usize) -> Result<()> {
     }
     let want = file.get("latent_mean").context("no `latent_mean` tensor")?;
     let mean = mean.context("no run")?;
-    let err = (&mean - want)?.abs()?.max_all()?.to_scalar::<f32>()?
-        / want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+    let err = rel_err(&mean, want)?;
     let best = times.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
         "sdkit encode 512x512: best {best:.2} s, runs {times:.2?}, rel err vs diffusers {err:.1e}"
@@ -508,6 +506,12 @@ fn vae(dir: &Path, runs: usize) -> Result<()> {
         size *= 2;
     }
     Ok(())
+}
+
+/// Largest absolute difference relative to the largest magnitude of `want` (at least 1e-3).
+fn rel_err(got: &Tensor, want: &Tensor) -> Result<f32> {
+    Ok((got - want)?.abs()?.max_all()?.to_scalar::<f32>()?
+        / want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3))
 }
 
 /// Four updates of `kind` over `millions` million parameters (four equal tensors).

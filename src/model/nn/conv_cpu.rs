@@ -102,16 +102,16 @@ pub(super) struct Geom {
 }
 
 impl Geom {
-    pub(super) fn hp(&self) -> usize {
+    fn hp(&self) -> usize {
         self.h + 2 * self.pad
     }
     pub(super) fn wp(&self) -> usize {
         self.w + 2 * self.pad
     }
-    pub(super) fn oh(&self) -> usize {
+    fn oh(&self) -> usize {
         self.hp() + 1 - self.k
     }
-    pub(super) fn ow(&self) -> usize {
+    fn ow(&self) -> usize {
         self.wp() + 1 - self.k
     }
     pub(super) fn img(&self) -> usize {
@@ -597,22 +597,68 @@ pub(crate) fn applies(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> bool
     fast(x, w, pad, stride).unwrap_or(false)
 }
 
-/// `conv2d(x, w, pad) + bias` for a custom op's forward: the input as the op receives it
-/// (a contiguous CPU storage), the result as a fresh storage, no copy on either side. Only
-/// where [`applies`] said so (stride 1).
-pub(crate) fn conv2d_bias_storage(
+/// A CPU convolution that a custom op's forward runs on its input storage (see
+/// [`conv_storage`]).
+pub(super) trait StorageConv {
+    /// Output height and width for an `h x w` input and a `k x k` kernel.
+    fn out_hw(&self, h: usize, w: usize, k: usize) -> (usize, usize);
+    /// `[b, o, out_hw]` from the input `xs [b, cin, h, w]` and the kernel `ws [o, cin, k, k]`
+    /// (`out_k = (o, k)`), plus `bias [o]`.
+    fn run<T: WithDType>(
+        &self,
+        xs: &[T],
+        dims: (usize, usize, usize, usize),
+        ws: &[T],
+        out_k: (usize, usize),
+        bias: Option<&[T]>,
+    ) -> Vec<T>;
+}
+
+/// The stride-1 convolution of [`conv_s1`] with padding `pad`.
+struct PlainConv {
+    pad: usize,
+}
+
+impl StorageConv for PlainConv {
+    fn out_hw(&self, h: usize, w: usize, k: usize) -> (usize, usize) {
+        let g = Geom {
+            b: 1,
+            h,
+            w,
+            pad: self.pad,
+            k,
+        };
+        (g.oh(), g.ow())
+    }
+
+    fn run<T: WithDType>(
+        &self,
+        xs: &[T],
+        (b, cin, h, w): (usize, usize, usize, usize),
+        ws: &[T],
+        (o, k): (usize, usize),
+        bias: Option<&[T]>,
+    ) -> Vec<T> {
+        conv_s1(xs, (b, h, w), Kernel::plain(ws, o, cin, k), self.pad, bias)
+    }
+}
+
+/// `conv(x, w) + bias` for a custom op's forward: the input as the op receives it (a
+/// contiguous CPU storage), the result as a fresh storage, no copy on either side. Only
+/// where the caller's `applies` said so (CPU, f32/f64, the kernel's dtype).
+pub(super) fn conv_storage(
     x: &CpuStorage,
     l: &Layout,
     w: &Tensor,
     bias: Option<&Tensor>,
-    pad: usize,
+    conv: &impl StorageConv,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     fn go<T: WithDType>(
         x: &CpuStorage,
         l: &Layout,
         w: &Tensor,
         bias: Option<&Tensor>,
-        pad: usize,
+        conv: &impl StorageConv,
     ) -> candle_core::Result<(Vec<T>, Shape)> {
         let (b, cin, h, wd) = l.shape().dims4()?;
         let (o, i, k, _) = w.dims4()?;
@@ -628,34 +674,34 @@ pub(crate) fn conv2d_bias_storage(
             None => None,
         };
         let out = with_slice(w, |ws: &[T]| {
-            Ok(conv_s1(
-                xs,
-                (b, h, wd),
-                Kernel::plain(ws, o, i, k),
-                pad,
-                bias.as_deref(),
-            ))
+            Ok(conv.run(xs, (b, cin, h, wd), ws, (o, k), bias.as_deref()))
         })?;
-        let g = Geom {
-            b,
-            h,
-            w: wd,
-            pad,
-            k,
-        };
-        Ok((out, Shape::from((b, o, g.oh(), g.ow()))))
+        let (oh, ow) = conv.out_hw(h, wd, k);
+        Ok((out, Shape::from((b, o, oh, ow))))
     }
     Ok(match x {
         CpuStorage::F32(_) => {
-            let (v, s) = go::<f32>(x, l, w, bias, pad)?;
+            let (v, s) = go::<f32>(x, l, w, bias, conv)?;
             (CpuStorage::F32(v), s)
         }
         CpuStorage::F64(_) => {
-            let (v, s) = go::<f64>(x, l, w, bias, pad)?;
+            let (v, s) = go::<f64>(x, l, w, bias, conv)?;
             (CpuStorage::F64(v), s)
         }
-        _ => candle_core::bail!("conv: the fast kernel takes f32 or f64"),
+        _ => candle_core::bail!("conv: the fast kernels take f32 or f64"),
     })
+}
+
+/// `conv2d(x, w, pad) + bias` (stride 1) for a custom op's forward, as [`conv_storage`].
+/// Only where [`applies`] said so.
+pub(crate) fn conv2d_bias_storage(
+    x: &CpuStorage,
+    l: &Layout,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    pad: usize,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    conv_storage(x, l, w, bias, &PlainConv { pad })
 }
 
 /// `x.conv2d(w, pad, stride, 1, 1)`, through the tap-GEMM kernel where it applies.

@@ -15,8 +15,10 @@
 //! padded by 1, convolved with the transposed phase kernel at the mirrored offsets, summed
 //! over the phases, again without building the upsampled-size gradient of the input.
 
-use super::conv_cpu::{Geom, Mat, matmul, pad_input, small, unwide, with_slice};
-use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, WithDType};
+use super::conv_cpu::{
+    Geom, Mat, StorageConv, conv_storage, matmul, pad_input, small, unwide, with_slice,
+};
+use candle_core::{DType, Device, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Kernel rows (or columns) summed into tap `a` of phase `p`: `SUMMED[p][a]`.
@@ -208,49 +210,24 @@ pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
         && b * c * h * wd * o > 0
 }
 
-/// [`forward`] for a custom op: the contiguous CPU input as the op receives it, the result
-/// as a fresh storage. Only where [`applies`] said so.
-fn forward_storage(
-    x: &CpuStorage,
-    l: &Layout,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    fn go<T: WithDType>(
-        x: &CpuStorage,
-        l: &Layout,
-        w: &Tensor,
-        bias: Option<&Tensor>,
-    ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let (b, cin, h, wd) = l.shape().dims4()?;
-        let (o, i, _, _) = w.dims4()?;
-        if i != cin {
-            candle_core::bail!("upsample conv: input has {cin} channels, kernel {i}")
-        }
-        let (a, e) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("upsample conv: non-contiguous input".into()))?;
-        let xs = &T::cpu_storage_as_slice(x)?[a..e];
-        let bias: Option<Vec<T>> = match bias {
-            Some(bt) => Some(bt.flatten_all()?.to_vec1::<T>()?),
-            None => None,
-        };
-        let out = with_slice(w, |ws: &[T]| {
-            Ok(forward(xs, (b, cin, h, wd), ws, o, bias.as_deref()))
-        })?;
-        Ok((out, Shape::from((b, o, 2 * h, 2 * wd))))
+/// [`forward`] as a [`StorageConv`] for a custom op's forward.
+struct Upsample2x;
+
+impl StorageConv for Upsample2x {
+    fn out_hw(&self, h: usize, w: usize, _k: usize) -> (usize, usize) {
+        (2 * h, 2 * w)
     }
-    Ok(match x {
-        CpuStorage::F32(_) => {
-            let (v, s) = go::<f32>(x, l, w, bias)?;
-            (CpuStorage::F32(v), s)
-        }
-        CpuStorage::F64(_) => {
-            let (v, s) = go::<f64>(x, l, w, bias)?;
-            (CpuStorage::F64(v), s)
-        }
-        _ => candle_core::bail!("upsample conv: the phase kernels take f32 or f64"),
-    })
+
+    fn run<T: WithDType>(
+        &self,
+        xs: &[T],
+        dims: (usize, usize, usize, usize),
+        ws: &[T],
+        (o, _k): (usize, usize),
+        bias: Option<&[T]>,
+    ) -> Vec<T> {
+        forward(xs, dims, ws, o, bias)
+    }
 }
 
 /// The input gradient of `conv2d(upsample_nearest_2x(x), w, pad 1)` from the output
@@ -294,7 +271,7 @@ pub(crate) fn upsample2x_conv3x3(
     let (wf, bf, w) = (w.clone(), bias.cloned(), w.clone());
     super::grad::input_grad_only_cpu(
         x,
-        move |s, l| forward_storage(s, l, &wf, bf.as_ref()),
+        move |s, l| conv_storage(s, l, &wf, bf.as_ref(), &Upsample2x),
         move |g| upsample2x_conv3x3_input_grad(g, &w),
     )
 }
