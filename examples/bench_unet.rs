@@ -146,6 +146,14 @@ fn main() -> Result<()> {
                 times.push(timed(|| Ok(model.forward(&x, &t, &ctx)?))?.1);
             }
         }
+        "fwdg" => {
+            // The forward with its graph recorded (latent tracked), no backward: against
+            // `fwd`, what recording costs.
+            let xv = Var::from_tensor(&x)?;
+            for _ in 0..n {
+                times.push(timed(|| Ok(model.forward(xv.as_tensor(), &t, &ctx)?))?.1);
+            }
+        }
         "bwd" => {
             for _ in 0..n {
                 let xv = Var::from_tensor(&x)?;
@@ -219,6 +227,8 @@ fn main() -> Result<()> {
     let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let label = if mode == "fwd" {
         "forward"
+    } else if mode == "fwdg" {
+        "forward (graph recorded)"
     } else if mode == "lora" {
         "LoRA dim 32 forward+backward (grad: LoRA factors)"
     } else {

@@ -2,15 +2,15 @@
 //!
 //! `candle_core::safetensors::load` reads the whole file into memory and then converts every
 //! tensor, so loading a 3.4 GB f32 SD1.5 UNet peaked at twice its size. Here the JSON header
-//! is parsed first and each tensor's bytes are read, converted and dropped in turn: the peak
-//! is the tensors plus one tensor's bytes.
+//! is parsed first and each tensor's bytes are read straight into its own storage, in
+//! parallel: the peak is the tensors themselves.
 
 use candle_core::safetensors::Load;
 use candle_core::{Device, Tensor};
 use safetensors::tensor::{TensorInfo, TensorView};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 /// Header size limit (the safetensors reference implementation uses 100 MB).
@@ -19,14 +19,29 @@ const MAX_HEADER: u64 = 100_000_000;
 /// Every tensor of a safetensors file on the CPU, in its stored dtype. Errors are one line
 /// naming the reason (the caller adds the file name).
 pub fn read_all(path: &Path) -> Result<HashMap<String, Tensor>, String> {
+    read_all_with(path, |_, t| Ok(t))
+}
+
+/// [`read_all`], passing each tensor through `each(name, tensor)` (a dtype conversion) on
+/// the thread that read it.
+///
+/// Tensors are read in parallel (rayon; each thread takes runs of the file in order),
+/// straight into their own storage with positional reads: no shared cursor, no bounce
+/// buffer for float tensors. The cost of loading is mostly the first touch of the fresh
+/// memory the weights land in (on a VM, 1.5-3.5 s per GB on one core); spread over the
+/// threads, a 3.4 GB SD1.5 UNet loads several times faster than tensor by tensor.
+pub fn read_all_with(
+    path: &Path,
+    each: impl Fn(&str, Tensor) -> candle_core::Result<Tensor> + Sync,
+) -> Result<HashMap<String, Tensor>, String> {
+    use rayon::prelude::*;
     let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let file_len = file.metadata().map_err(|e| e.to_string())?.len();
-    let mut r = BufReader::new(file);
-    let (n, header) = read_header(&mut r, file_len)?;
+    let (n, header) = read_header(&mut BufReader::new(&file), file_len)?;
     let data_start = 8 + n;
     let data_len = file_len - data_start;
 
-    // Read in file order, so the reads are sequential.
+    // In file order, so each thread's reads are sequential.
     let mut infos: Vec<(String, TensorInfo)> = header
         .into_iter()
         .filter(|(k, _)| k != "__metadata__")
@@ -37,10 +52,9 @@ pub fn read_all(path: &Path) -> Result<HashMap<String, Tensor>, String> {
         })
         .collect::<Result<_, _>>()?;
     infos.sort_by_key(|(_, i)| i.data_offsets.0);
-
-    let mut out = HashMap::with_capacity(infos.len());
-    let mut buf = Vec::new();
-    for (name, info) in infos {
+    // Every entry is checked before anything is read: the error names the first bad
+    // tensor in file order.
+    for (name, info) in &infos {
         let (a, b) = info.data_offsets;
         let need = info
             .shape
@@ -54,18 +68,93 @@ pub fn read_all(path: &Path) -> Result<HashMap<String, Tensor>, String> {
                 info.shape, info.dtype
             ));
         }
-        buf.resize(b - a, 0);
-        r.seek(SeekFrom::Start(data_start + a as u64))
-            .and_then(|_| r.read_exact(&mut buf))
-            .map_err(|e| format!("tensor `{name}`: cannot read its data: {e}"))?;
-        let view = TensorView::new(info.dtype, info.shape, &buf)
-            .map_err(|e| format!("tensor `{name}`: {e}"))?;
-        let t = view
-            .load(&Device::Cpu)
-            .map_err(|e| format!("tensor `{name}`: {e}"))?;
-        out.insert(name, t);
     }
-    Ok(out)
+    let read = |(name, info): (String, TensorInfo)| -> Result<(String, Tensor), String> {
+        let off = data_start + info.data_offsets.0 as u64;
+        let len = info.data_offsets.1 - info.data_offsets.0;
+        let t = read_tensor(&file, &info, off, len)
+            .map_err(|e| format!("tensor `{name}`: cannot read its data: {e}"))?;
+        let t = each(&name, t).map_err(|e| format!("tensor `{name}`: {e}"))?;
+        Ok((name, t))
+    };
+    infos.into_par_iter().map(read).collect()
+}
+
+/// One tensor's `len` bytes at `off`, on the CPU in its stored dtype.
+fn read_tensor(file: &File, info: &TensorInfo, off: u64, len: usize) -> Result<Tensor, String> {
+    use safetensors::Dtype;
+    let shape = info.shape.clone();
+    let io = |e: std::io::Error| e.to_string();
+    let cpu = &Device::Cpu;
+    let t = match info.dtype {
+        Dtype::F32 if LE => {
+            Tensor::from_vec(read_pod::<f32>(file, len, off).map_err(io)?, shape, cpu)
+        }
+        Dtype::F16 if LE => Tensor::from_vec(
+            read_pod::<half::f16>(file, len, off).map_err(io)?,
+            shape,
+            cpu,
+        ),
+        Dtype::BF16 if LE => Tensor::from_vec(
+            read_pod::<half::bf16>(file, len, off).map_err(io)?,
+            shape,
+            cpu,
+        ),
+        Dtype::F64 if LE => {
+            Tensor::from_vec(read_pod::<f64>(file, len, off).map_err(io)?, shape, cpu)
+        }
+        _ => {
+            // Integer and narrow float dtypes (small tensors): through candle's converter.
+            let mut buf = vec![0u8; len];
+            read_at(file, &mut buf, off).map_err(io)?;
+            let view = TensorView::new(info.dtype, shape, &buf).map_err(|e| e.to_string())?;
+            return view.load(cpu).map_err(|e| e.to_string());
+        }
+    };
+    t.map_err(|e| e.to_string())
+}
+
+/// Whether stored (little-endian) bytes are the in-memory values as they are.
+const LE: bool = cfg!(target_endian = "little");
+
+/// Plain float types whose every bit pattern is a value.
+trait Pod: Copy + Default {}
+impl Pod for f32 {}
+impl Pod for f64 {}
+impl Pod for half::f16 {}
+impl Pod for half::bf16 {}
+
+/// `len` bytes at `off` read straight into a `Vec<T>` (little-endian targets).
+fn read_pod<T: Pod>(file: &File, len: usize, off: u64) -> std::io::Result<Vec<T>> {
+    let n = len / std::mem::size_of::<T>();
+    let mut v = vec![T::default(); n];
+    // SAFETY: `v` holds `n` initialised `T`s, i.e. `n * size_of::<T>()` == `len` bytes
+    // (the caller checked that `len` is the shape's byte size); `T` is a plain float type
+    // (`Pod`) for which any byte pattern is a valid value, and u8 has alignment 1.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) };
+    read_at(file, bytes, off)?;
+    Ok(v)
+}
+
+/// Positional read of exactly `buf.len()` bytes (shared `&File`, no cursor).
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, off)
+}
+
+#[cfg(windows)]
+fn read_at(file: &File, mut buf: &mut [u8], mut off: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = file.seek_read(buf, off)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut buf[n..];
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// Write `tensors` (each converted to `dtype` when given) with string `metadata` to
@@ -260,5 +349,78 @@ mod tests {
         assert!(e.contains("truncated"), "{e}");
         std::fs::write(&p, b"hello world, not a model").unwrap();
         assert!(read_all(&p).unwrap_err().contains("not a safetensors file"));
+    }
+
+    /// Every float dtype read straight into its storage, integers through candle's
+    /// converter, many tensors of odd sizes over the threads, and the per-tensor
+    /// conversion: all equal to candle's whole-file reader.
+    #[test]
+    fn parallel_reads_every_dtype_and_converts_on_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        let dev = Device::Cpu;
+        let ramp = |n: usize, dt: DType| {
+            let t = Tensor::arange(0f32, n as f32, &dev).unwrap();
+            ((t * 0.37).unwrap().sin().unwrap() * 100.0)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap()
+        };
+        let mut m = HashMap::new();
+        for (i, dt) in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::F64,
+            DType::U8,
+            DType::I64,
+        ]
+        .into_iter()
+        .cycle()
+        .take(60)
+        .enumerate()
+        {
+            let dt = if dt == DType::U8 { DType::U32 } else { dt };
+            let t = ramp(i * 53 + 1, DType::F32)
+                .abs()
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            m.insert(format!("t{i}"), t);
+        }
+        m.insert("big".to_string(), ramp(300_001, DType::F16));
+        candle_core::safetensors::save(&m, &p).unwrap();
+        let theirs = candle_core::safetensors::load(&p, &dev).unwrap();
+        let same = |a: &Tensor, b: &Tensor| {
+            assert_eq!((a.dtype(), a.dims()), (b.dtype(), b.dims()));
+            let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            assert_eq!(
+                f(a).to_vec1::<f64>().unwrap(),
+                f(b).to_vec1::<f64>().unwrap()
+            );
+        };
+        let ours = read_all(&p).unwrap();
+        assert_eq!(ours.len(), theirs.len());
+        for (k, t) in &theirs {
+            same(&ours[k], t);
+        }
+        let conv = read_all_with(&p, |_, t| match t.dtype().is_float() {
+            true => t.to_dtype(DType::F32),
+            false => Ok(t),
+        })
+        .unwrap();
+        for (k, t) in &theirs {
+            let want = match t.dtype().is_float() {
+                true => t.to_dtype(DType::F32).unwrap(),
+                false => t.clone(),
+            };
+            same(&conv[k], &want);
+        }
+        let e = read_all_with(&p, |name, t| match name {
+            "t7" => Err(candle_core::Error::Msg("no room".into())),
+            _ => Ok(t),
+        })
+        .unwrap_err();
+        assert_eq!(e, "tensor `t7`: no room");
     }
 }

@@ -96,7 +96,12 @@ pub fn open(path: &Path, opts: &LoadOptions) -> Result<Checkpoint> {
         .unwrap_or("")
         .to_ascii_lowercase();
     let (tensors, format) = match ext.as_str() {
-        "safetensors" => (read_safetensors(path)?, Format::Safetensors),
+        // Float tensors that anything loads are converted as they are read, in parallel
+        // (EMA copies and other ignored keys stay as stored, then are dropped).
+        "safetensors" => (
+            read_safetensors(path, opts.dtype, keymap::ignored)?,
+            Format::Safetensors,
+        ),
         "ckpt" | "pt" | "pth" | "bin" => (read_torch(path)?, Format::Ckpt),
         _ => {
             return Err(fail(
@@ -144,8 +149,21 @@ pub fn text_width(path: &Path) -> Option<usize> {
         .map(|(_, s)| s[1])
 }
 
-fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    crate::formats::safetensors::read_all(path).map_err(|e| fail(path, e))
+/// Every tensor of a safetensors file; float tensors converted to `dtype` on the reading
+/// threads, except those `keep_as_stored` names.
+fn read_safetensors(
+    path: &Path,
+    dtype: DType,
+    keep_as_stored: fn(&str) -> bool,
+) -> Result<HashMap<String, Tensor>> {
+    crate::formats::safetensors::read_all_with(path, |name, t| {
+        if t.dtype().is_float() && !keep_as_stored(name) {
+            t.to_dtype(dtype)
+        } else {
+            Ok(t)
+        }
+    })
+    .map_err(|e| fail(path, e))
 }
 
 /// A torch zip checkpoint; the tensors of its `state_dict` entry when it has one.
@@ -432,7 +450,7 @@ fn load_component(
     let raw = if file.extension().is_some_and(|e| e == "bin") {
         read_torch(&file)?
     } else {
-        read_safetensors(&file)?
+        read_safetensors(&file, opts.dtype, |_| false)?
     };
     let mut out = HashMap::new();
     for (k, t) in raw {

@@ -41,13 +41,20 @@ impl Weights {
         }
     }
 
-    /// Read every tensor of a `.safetensors` file (any float dtype).
+    /// Read every tensor of a `.safetensors` file (any float dtype; float tensors are
+    /// converted to `dtype` as they are read, in parallel).
     pub fn from_safetensors(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let source = path.display().to_string();
+        let convert = |_: &str, t: Tensor| match t.dtype().is_float() {
+            true => t.to_dtype(dtype),
+            false => Ok(t),
+        };
         let tensors =
-            crate::formats::safetensors::read_all(path).map_err(|reason| ModelError::Format {
-                file: source.clone(),
-                reason,
+            crate::formats::safetensors::read_all_with(path, convert).map_err(|reason| {
+                ModelError::Format {
+                    file: source.clone(),
+                    reason,
+                }
             })?;
         Ok(Self::new(&source, tensors, dtype, device))
     }
