@@ -12,6 +12,8 @@
 # as torch_train.py describes; OPTIMIZER=adamw|adafactor|adamw8bit for dreambooth.
 # FUSED=1 (dreambooth): both sides update each weight inside the backward (kohya's
 # --fused_backward_pass; sdkit's --fused-backward-pass).
+# THREADS=N runs both sides on N threads (RAYON_NUM_THREADS for sdkit, OMP_NUM_THREADS for
+# PyTorch); default: every core.
 # SDKIT_BIN=path times that sdkit binary (an A/B against a saved build); SKIP_TORCH=1 skips
 # the PyTorch side. Extra sdkit arguments: SDKIT_ARGS (e.g. "--resolution 768
 # --train-batch-size 2"; the PyTorch side takes RESOLUTION and BATCH).
@@ -26,7 +28,8 @@ DIR=$PROFILE; [ "$PROFILE" = dev ] && DIR=debug
 if [ -n "${SDKIT_BIN:-}" ]; then BIN=$SDKIT_BIN
 else cargo build --profile "$PROFILE" --bin sdkit --quiet; BIN=${CARGO_TARGET_DIR:-target}/$DIR/sdkit; fi
 MODEL=$("$REFPY" bench/train/make_model.py "$OUT" 2>/dev/null | tail -1)
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
+if [ -n "${THREADS:-}" ]; then export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS; fi
+echo "machine: $(nproc --all) cores (${THREADS:-all} used), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
   "$(free -g | awk '/Mem:/{print $2}') GB RAM; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 [ "${SKIP_TORCH:-}" = 1 ] || "$REFPY" bench/train/torch_train.py "$MODEL" "$OUT/data" "$STEPS" 2>&1 | grep -v -i warn
 METHOD=${METHOD:-lora}
