@@ -80,6 +80,22 @@ pub fn read_all_with(
     infos.into_par_iter().map(read).collect()
 }
 
+/// [`read_all_with`] converting every float tensor to `dtype` on its reading thread, except
+/// those whose name `keep_as_stored` accepts; other dtypes stay as stored.
+pub fn read_all_as(
+    path: &Path,
+    dtype: candle_core::DType,
+    keep_as_stored: impl Fn(&str) -> bool + Sync,
+) -> Result<HashMap<String, Tensor>, String> {
+    read_all_with(path, |name, t| {
+        if t.dtype().is_float() && !keep_as_stored(name) {
+            t.to_dtype(dtype)
+        } else {
+            Ok(t)
+        }
+    })
+}
+
 /// One tensor's `len` bytes at `off`, on the CPU in its stored dtype.
 fn read_tensor(file: &File, info: &TensorInfo, off: u64, len: usize) -> Result<Tensor, String> {
     use safetensors::Dtype;
@@ -403,11 +419,10 @@ mod tests {
         for (k, t) in &theirs {
             same(&ours[k], t);
         }
-        let conv = read_all_with(&p, |_, t| match t.dtype().is_float() {
-            true => t.to_dtype(DType::F32),
-            false => Ok(t),
-        })
-        .unwrap();
+        let conv = read_all_as(&p, DType::F32, |_| false).unwrap();
+        let kept = read_all_as(&p, DType::F32, |name| name == "big").unwrap();
+        assert_eq!(kept["big"].dtype(), DType::F16);
+        assert_eq!(kept["t1"].dtype(), DType::F32);
         for (k, t) in &theirs {
             let want = match t.dtype().is_float() {
                 true => t.to_dtype(DType::F32).unwrap(),

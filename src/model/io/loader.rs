@@ -156,14 +156,7 @@ fn read_safetensors(
     dtype: DType,
     keep_as_stored: fn(&str) -> bool,
 ) -> Result<HashMap<String, Tensor>> {
-    crate::formats::safetensors::read_all_with(path, |name, t| {
-        if t.dtype().is_float() && !keep_as_stored(name) {
-            t.to_dtype(dtype)
-        } else {
-            Ok(t)
-        }
-    })
-    .map_err(|e| fail(path, e))
+    crate::formats::safetensors::read_all_as(path, dtype, keep_as_stored).map_err(|e| fail(path, e))
 }
 
 /// A torch zip checkpoint; the tensors of its `state_dict` entry when it has one.

@@ -45,12 +45,8 @@ impl Weights {
     /// converted to `dtype` as they are read, in parallel).
     pub fn from_safetensors(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let source = path.display().to_string();
-        let convert = |_: &str, t: Tensor| match t.dtype().is_float() {
-            true => t.to_dtype(dtype),
-            false => Ok(t),
-        };
         let tensors =
-            crate::formats::safetensors::read_all_with(path, convert).map_err(|reason| {
+            crate::formats::safetensors::read_all_as(path, dtype, |_| false).map_err(|reason| {
                 ModelError::Format {
                     file: source.clone(),
                     reason,
