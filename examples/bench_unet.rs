@@ -8,10 +8,13 @@
 //!   cargo run --release --example bench_unet -- lora WEIGHTS [N] [SIZE]
 //!   cargo run --release --example bench_unet -- gemm [M]
 //!   cargo run --release --example bench_unet -- conv [REPS]
+//!   cargo run --release --example bench_unet -- layout [REPS]
 //!   cargo run --release --example bench_unet -- vae DIR [N]
 //!   cargo run --release --example bench_unet -- optim adamw8bit|adafactor|adamw [MILLIONS]
 //!
-//! `fwd` times N forwards, `bwd` N forward+backward passes of sum(out * r) with the weights
+//! `WINOGRAD=off|2|4` picks direct 3x3 convolutions or the Winograd output tile for any mode.
+//! `fwd` times N forwards (with `AB=winograd`, alternating direct and Winograd 3x3
+//! convolutions), `bwd` N forward+backward passes of sum(out * r) with the weights
 //! frozen (the gradient w.r.t. the latent only; frozen layers compute no weight gradient). `lora` attaches kohya's
 //! LoRA (dim 32) and times forward+backward for the LoRA factors' gradient. `graph` counts the nodes of
 //! one forward's autograd graph and the bytes it holds for the backward. `profile` times each top-level block of one forward and a few
@@ -93,13 +96,22 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // WINOGRAD=off|2|4: direct 3x3 convolutions, or Winograd with that output tile.
+    match std::env::var("WINOGRAD").as_deref() {
+        Ok("off") => sdkit::model::nn::winograd_cpu::set_enabled(false),
+        Ok(m) => sdkit::model::nn::winograd_cpu::set_tile(m.parse()?),
+        Err(_) => {}
+    }
     if args.len() < 2 {
         bail!(
-            "usage: bench_unet fwd|bwd|profile|graph|lora WEIGHTS [N] [SIZE] | vae DIR [N] | optim KIND [MILLIONS] | conv|attn [REPS] | gemm [M]"
+            "usage: bench_unet fwd|bwd|profile|graph|lora WEIGHTS [N] [SIZE] | vae DIR [N] | optim KIND [MILLIONS] | conv|attn|layout [REPS] | gemm [M]"
         );
     }
     if args.first().map(String::as_str) == Some("conv") {
         return conv(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3));
+    }
+    if args.first().map(String::as_str) == Some("layout") {
+        return layout(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10));
     }
     if args.first().map(String::as_str) == Some("attn") {
         return attn(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3));
@@ -142,7 +154,8 @@ fn main() -> Result<()> {
     let mut times = Vec::new();
     match mode {
         "fwd" => {
-            for _ in 0..n {
+            for i in 0..n {
+                ab_switch(i);
                 times.push(timed(|| Ok(model.forward(&x, &t, &ctx)?))?.1);
             }
         }
@@ -197,7 +210,8 @@ fn main() -> Result<()> {
                 &Device::Cpu,
             )?;
             let vars = net.vars(sdkit::adapters::lora::Part::Unet);
-            for _ in 0..n {
+            for i in 0..n {
+                ab_switch(i);
                 let (g, s) = timed(|| {
                     let (out, f) = timed(|| Ok(model.forward(&x, &t, &ctx)?))?;
                     let (g, b) = timed(|| Ok(mul_frozen(&out, &r)?.sum_all()?.backward()?))?;
@@ -223,6 +237,23 @@ fn main() -> Result<()> {
             return Ok(());
         }
         m => bail!("unknown mode {m}"),
+    }
+    if ab() {
+        let best = |odd: usize| {
+            times
+                .iter()
+                .skip(odd)
+                .step_by(2)
+                .cloned()
+                .fold(f64::INFINITY, f64::min)
+        };
+        println!(
+            "{mode}, AB=winograd: direct convolutions best {:.2} s, Winograd best {:.2} s ({} runs each)",
+            best(0),
+            best(1),
+            n / 2
+        );
+        return Ok(());
     }
     let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let label = if mode == "fwd" {
@@ -346,6 +377,90 @@ fn profile(model: &UNet2DConditionModel, x: &Tensor, t: &Tensor, ctx: &Tensor) -
 /// SD1.5's attention shapes at 512 px (8 heads), f32: forward, and forward + backward with
 /// q, k, v all tracked (self-attention under LoRA) or only q (cross-attention over a frozen
 /// text encoder); best of `reps`.
+/// `AB=winograd`: `fwd` and `lora` alternate direct (even runs) and Winograd (odd runs)
+/// 3x3 convolutions in this one process.
+fn ab() -> bool {
+    std::env::var("AB").is_ok_and(|v| v == "winograd")
+}
+
+fn ab_switch(i: usize) {
+    if ab() {
+        sdkit::model::nn::winograd_cpu::set_enabled(i % 2 == 1);
+    }
+}
+
+/// The layout moves of one 64x64-level transformer (SD1.5: 320 channels, 8 heads, 4096
+/// tokens), forward + backward: q, k, v split into heads and merged back, the image to
+/// tokens and back. candle's view ops against `model::nn::layout`, alternating, best of REPS.
+fn layout(reps: usize) -> Result<()> {
+    use sdkit::model::nn::layout::{merge_heads, split_heads, to_image, to_tokens};
+    let (l, c, heads, side) = (4096, 320, 8, 64);
+    let xs = [
+        randn(&[1, l, c], 30)?,
+        randn(&[1, l, c], 31)?,
+        randn(&[1, l, c], 32)?,
+    ];
+    let img = randn(&[1, c, side, side], 33)?;
+    let (r_seq, r_img) = (randn(&[1, l, c], 34)?, randn(&[1, c, side, side], 35)?);
+    // 0: candle views, 1: layout ops, 2: no layout move (the loss alone).
+    let run = |mode: u8| -> Result<f64> {
+        let ours = mode == 1;
+        let vars: Vec<Var> = xs
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<_>>()?;
+        let iv = Var::from_tensor(&img)?;
+        Ok(timed(|| {
+            let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu)?;
+            for v in &vars {
+                let t = v.as_tensor();
+                let m = if mode == 2 {
+                    t.clone()
+                } else if ours {
+                    merge_heads(&split_heads(t, heads)?, 1)?
+                } else {
+                    let s = t
+                        .reshape((1, l, heads, c / heads))?
+                        .transpose(1, 2)?
+                        .reshape((heads, l, c / heads))?;
+                    s.reshape((1, heads, l, c / heads))?
+                        .transpose(1, 2)?
+                        .reshape((1, l, c))?
+                };
+                loss = (loss + (m * &r_seq)?.sum_all()?)?;
+            }
+            let t = iv.as_tensor();
+            let back = if mode == 2 {
+                t.clone()
+            } else if ours {
+                to_image(&to_tokens(t)?, side, side)?
+            } else {
+                t.permute((0, 2, 3, 1))?
+                    .reshape((1, l, c))?
+                    .reshape((1, side, side, c))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?
+            };
+            loss = (loss + (back * &r_img)?.sum_all()?)?;
+            Ok(loss.backward()?)
+        })?
+        .1)
+    };
+    let (mut views, mut ops, mut none) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    for _ in 0..reps {
+        views = views.min(run(0)?);
+        ops = ops.min(run(1)?);
+        none = none.min(run(2)?);
+    }
+    println!(
+        "layout moves of one 64x64 transformer, forward+backward: candle views {:.1} ms, layout ops {:.1} ms (the loss alone {:.1} ms)",
+        views * 1e3,
+        ops * 1e3,
+        none * 1e3
+    );
+    Ok(())
+}
+
 fn attn(reps: usize) -> Result<()> {
     println!("attention (heads x queries x keys x head dim): fwd | fwd+bwd, s (GFLOP/s)");
     for (i, &(lq, lk, d)) in [
@@ -421,7 +536,15 @@ fn conv(reps: usize) -> Result<()> {
         (256, 256, 3, 256),
         (128, 128, 3, 512),
     ];
-    println!("conv (cin->cout kxk @side): candle fwd | sdkit fwd | sdkit fwd+input grad, s");
+    use sdkit::model::nn::winograd_cpu::{set_enabled, set_tile};
+    // 0: direct (tap GEMMs / im2col), 1: Winograd F(2x2, 3x3), 2: F(4x4, 3x3).
+    let path = |j: usize| {
+        set_enabled(j > 0);
+        set_tile(if j == 2 { 4 } else { 2 });
+    };
+    println!(
+        "conv (cin->cout kxk @side): candle fwd | sdkit fwd direct / F(2x2,3x3) / F(4x4,3x3) | fwd+input grad the same, s"
+    );
     for (i, &(cin, cout, k, side)) in shapes.iter().enumerate() {
         let x = randn(&[1, cin, side, side], 20 + i as u64)?;
         let w = randn(&[cout, cin, k, k], 40 + i as u64)?;
@@ -433,19 +556,30 @@ fn conv(reps: usize) -> Result<()> {
             padding: k / 2,
         };
         let xv = Var::from_tensor(&x)?;
-        let (mut a, mut b, mut c) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+        let mut a = f64::INFINITY;
+        let (mut b, mut c) = ([f64::INFINITY; 3], [f64::INFINITY; 3]);
         for _ in 0..reps {
             if side <= 64 {
                 a = a.min(timed(|| Ok(x.conv2d(&w, k / 2, 1, 1, 1)?))?.1);
             }
-            b = b.min(timed(|| Ok(layer.forward(&x)?))?.1);
-            c = c.min(timed(|| Ok(layer.forward(xv.as_tensor())?.sum_all()?.backward()?))?.1);
+            for j in 0..3 {
+                path(j);
+                b[j] = b[j].min(timed(|| Ok(layer.forward(&x)?))?.1);
+                c[j] = c[j]
+                    .min(timed(|| Ok(layer.forward(xv.as_tensor())?.sum_all()?.backward()?))?.1);
+            }
         }
-        let gf = 2.0 * (cin * cout * k * k * side * side) as f64 / 1e9;
+        path(0);
+        let direct = layer.forward(&x)?;
+        let mut errs = [0f32; 2];
+        for (j, e) in errs.iter_mut().enumerate() {
+            path(j + 1);
+            *e = rel_err(&layer.forward(&x)?, &direct)?;
+        }
+        path(1);
         println!(
-            "{cin:5}->{cout:<5} {k}x{k} @{side:<3} {a:7.4} | {b:7.4} | {c:7.4}   ({:.0} / {:.0} GFLOP/s fwd)",
-            gf / a,
-            gf / b
+            "{cin:5}->{cout:<5} {k}x{k} @{side:<3} {a:7.4} | {:7.4} / {:7.4} / {:7.4} | {:7.4} / {:7.4} / {:7.4}   (rel diff {:.1e} / {:.1e})",
+            b[0], b[1], b[2], c[0], c[1], c[2], errs[0], errs[1]
         );
     }
     Ok(())

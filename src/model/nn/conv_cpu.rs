@@ -26,21 +26,21 @@ use rayon::prelude::*;
 /// A 4-D kernel seen through strides: element (o, i, ty, tx) is at
 /// `base + o * so + i * si + ty * sy + tx * sx` (strides may be negative: a flip).
 #[derive(Clone, Copy)]
-struct Kernel<'a, T> {
-    data: &'a [T],
+pub(super) struct Kernel<'a, T> {
+    pub(super) data: &'a [T],
     base: isize,
-    so: isize,
-    si: isize,
+    pub(super) so: isize,
+    pub(super) si: isize,
     sy: isize,
     sx: isize,
-    cout: usize,
-    cin: usize,
+    pub(super) cout: usize,
+    pub(super) cin: usize,
     k: usize,
 }
 
 impl<'a, T> Kernel<'a, T> {
     /// A contiguous `[cout, cin, k, k]` kernel as stored.
-    fn plain(data: &'a [T], cout: usize, cin: usize, k: usize) -> Self {
+    pub(super) fn plain(data: &'a [T], cout: usize, cin: usize, k: usize) -> Self {
         let kk = (k * k) as isize;
         Self {
             data,
@@ -56,7 +56,7 @@ impl<'a, T> Kernel<'a, T> {
     }
 
     /// The kernel of the input gradient: in and out swapped, both spatial axes flipped.
-    fn transposed_flipped(self) -> Self {
+    pub(super) fn transposed_flipped(self) -> Self {
         let last = (self.k - 1) as isize;
         Self {
             base: self.base + last * self.sy + last * self.sx,
@@ -71,7 +71,7 @@ impl<'a, T> Kernel<'a, T> {
     }
 
     /// Offset of tap (ty, tx) at (o, i) = (0, 0); in bounds for every (o, i) (checked).
-    fn tap(&self, ty: usize, tx: usize) -> usize {
+    pub(super) fn tap(&self, ty: usize, tx: usize) -> usize {
         let at = |o: usize, i: usize| {
             self.base
                 + o as isize * self.so
@@ -365,6 +365,9 @@ fn conv_s1<T: WithDType>(
     if g.k == 1 && pad == 0 {
         return conv_1x1(x, b, h * w, kern, bias);
     }
+    if super::winograd_cpu::applies(g.k, pad, (h, w), cin, cout) {
+        return super::winograd_cpu::conv3x3(x, (b, h, w), &kern, bias);
+    }
     let xp = pad_input(x, cin, g);
     let mut wide = vec![T::from_f64(0.0); cout * n];
     if small(g) && is_plain(&kern) {
@@ -550,7 +553,8 @@ fn run<T: WithDType>(
 ) -> candle_core::Result<Tensor> {
     let (b, cin_x, h, wd) = x.dims4()?;
     let (o, i, k, _) = w.dims4()?;
-    if transpose && pad < k && h * wd <= SMALL_HW {
+    let winograd = super::winograd_cpu::applies(k, pad, (h, wd), o, i);
+    if transpose && pad < k && h * wd <= SMALL_HW && !winograd {
         // x is the output gradient and `pad` the transposed padding k - 1 - p.
         let (dh, dw) = (h + 2 * pad + 1 - k, wd + 2 * pad + 1 - k);
         let dx = with_slice(x, |xs: &[T]| {

@@ -15,8 +15,10 @@ mod fastmath;
 mod fused_cpu;
 pub mod grad;
 mod layers;
+pub mod layout;
 mod lowrank_cpu;
 mod upconv_cpu;
+pub mod winograd_cpu;
 
 pub use layers::*;
 pub mod walk;

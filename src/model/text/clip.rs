@@ -9,6 +9,7 @@
 
 use crate::model::arch::count_indexed;
 use crate::model::grad::add_frozen;
+use crate::model::nn::layout::{merge_heads, split_heads};
 use crate::model::nn::{LayerNorm, Linear, gelu, quick_gelu, softmax_last_dim};
 use crate::model::text::placeholders::Placeholders;
 use crate::model::weights::{Param, Weights};
@@ -130,19 +131,15 @@ pub struct Attention {
 impl Attention {
     /// Causal self-attention; `mask` is [L, L] additive (0 / -inf).
     pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, l, width) = x.dims3()?;
+        let (b, _, width) = x.dims3()?;
         let hd = width / self.heads;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
+        let split = |t: Tensor| -> Result<Tensor> { Ok(split_heads(&t, self.heads)?) };
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let p = softmax_last_dim(&add_frozen(&scores, mask)?)?;
-        let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, l, width))?;
+        let o = merge_heads(&p.matmul(&v)?, b)?;
         self.out_proj.forward(&o)
     }
 }

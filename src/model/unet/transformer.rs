@@ -4,6 +4,7 @@
 
 use super::super::Result;
 use super::super::attention::attention;
+use super::super::nn::layout::{merge_heads, split_heads, to_image, to_tokens};
 use super::super::nn::{Conv2d, GroupNorm, LayerNorm, Linear, geglu};
 use super::super::weights::Weights;
 use super::hooks::ContextHooks;
@@ -47,15 +48,10 @@ impl Attention {
         ctx: Option<&Tensor>,
         hooks: &ContextHooks,
     ) -> Result<Tensor> {
-        let (b, l, dim) = x.dims3()?;
+        let (b, _, dim) = x.dims3()?;
         let hd = dim / self.heads;
         let (ck, cv) = hooks.apply(ctx.unwrap_or(x))?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            let lt = t.dim(1)?;
-            Ok(t.reshape((b, lt, self.heads, hd))?
-                .transpose(1, 2)?
-                .reshape((b * self.heads, lt, hd))?)
-        };
+        let split = |t: Tensor| -> Result<Tensor> { Ok(split_heads(&t, self.heads)?) };
         let q = split(self.to_q.forward(x)?)?;
         let k = split(self.to_k.forward(&ck)?)?;
         let v = split(self.to_v.forward(&cv)?)?;
@@ -67,11 +63,7 @@ impl Attention {
         } else {
             attention(&q, &k, &v, scale)?
         };
-        let o = o
-            .reshape((b, self.heads, l, hd))?
-            .transpose(1, 2)?
-            .reshape((b, l, dim))?;
-        self.to_out.forward(&o)
+        self.to_out.forward(&merge_heads(&o, b)?)
     }
 }
 
@@ -190,14 +182,9 @@ impl Transformer2DModel {
 
     /// `x` [B, C, H, W], `ctx` [B, L, ctx_dim].
     pub fn forward(&self, x: &Tensor, ctx: &Tensor, hooks: &ContextHooks) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let to_seq =
-            |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
-        let to_img = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
-        };
+        let (_, _, h, w) = x.dims4()?;
+        let to_seq = |t: Tensor| -> Result<Tensor> { Ok(to_tokens(&t)?) };
+        let to_img = |t: Tensor| -> Result<Tensor> { Ok(to_image(&t, h, w)?) };
         let n = self.norm.forward(x)?;
         let mut s = match &self.proj_in {
             Proj::Conv(p) => to_seq(p.forward(&n)?)?,
