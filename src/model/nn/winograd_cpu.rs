@@ -8,13 +8,14 @@
 //! `M_xi [Cout, T] = U_xi [Cout, Cin] @ V_xi [Cin, T]` over T tiles. The transforms are a
 //! few additions per element; the GEMMs do the work:
 //!
-//! - F(4x4, 3x3), the default: 36 multiply-adds per tile of 16 outputs and channel pair,
+//! - F(4x4, 3x3), for images of 32x32 and more: 36 multiply-adds per tile of 16 outputs and channel pair,
 //!   where the direct convolution has 144 (4x fewer). Its transforms hold 1/4, 1/6, 1/12,
 //!   1/24, 2, 4, 5 and 8, so the result carries a little more rounding than a direct sum:
 //!   1.2e-5 to 1.9e-5 of the output's largest magnitude at SD's shapes in f32 (direct
 //!   GEMMs: ~1e-6), 2.2e-5 for a whole 512 px VAE decode against diffusers.
-//! - F(2x2, 3x3): 16 per tile of 4 outputs (2.25x fewer), transforms of 0, +/-1 and 1/2
-//!   only (rounding as a direct sum); [`set_tile`] picks it.
+//! - F(2x2, 3x3), for 16x16 up to 32x32 (the UNet's 1280-channel level): 16 per tile of
+//!   4 outputs (2.25x fewer), transforms of 0, +/-1 and 1/2 only (rounding as a direct
+//!   sum). [`set_tile`] can make it (or F(4x4)) the choice for every size.
 //!
 //! Tiles are processed in chunks of whole tile rows, sized so the transformed input and
 //! output of a chunk stay a few tens of MB however large the image (the VAE at 512 px). The
@@ -30,9 +31,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 const CHUNK_BYTES: usize = 24 << 20;
 /// At least this many tiles per chunk (the GEMMs' column count), whatever the channels.
 const MIN_TILES: usize = 256;
-/// Images with fewer output pixels than this (SD1.5's 16x16 and 8x8 levels, where the
-/// kernel dominates and the GEMMs would be a few dozen columns wide) keep the direct path.
-const MIN_PIXELS: usize = 32 * 32;
+/// Images of at least this many output pixels (SD1.5's UNet at 64x64 and 32x32, the VAE)
+/// take F(4x4, 3x3).
+const F43_PIXELS: usize = 32 * 32;
+/// Images of at least this many (the UNet's 16x16 level: 16 tiles of 4x4 would make the
+/// GEMMs 16 columns wide, and the 36 transformed 1280 x 1280 kernels would outweigh them)
+/// take F(2x2, 3x3); smaller ones (8x8) keep the direct path, where the kernel is all.
+/// Measured (`bench_unet conv`, 1280 channels): at 16x16 direct 0.051 s, F(2x2) 0.036 s,
+/// F(4x4) 0.064 s; at 8x8 0.019, 0.027, 0.061 s.
+const F23_PIXELS: usize = 16 * 16;
 /// Channel counts below this (SD's `conv_in` with 4 latent channels, `conv_out`) make
 /// GEMMs too thin to gain.
 const MIN_CHANNELS: usize = 32;
@@ -55,7 +62,7 @@ pub(super) fn applies(
 ) -> bool {
     k == 3
         && pad == 1
-        && h * w >= MIN_PIXELS
+        && h * w >= F23_PIXELS
         && cin >= MIN_CHANNELS
         && cout >= MIN_CHANNELS
         && ENABLED.load(Ordering::Relaxed)
@@ -266,17 +273,24 @@ pub(super) fn conv3x3<T: WithDType>(
     kern: &Kernel<T>,
     bias: Option<&[T]>,
 ) -> Vec<T> {
-    if VARIANT.load(Ordering::Relaxed) == 2 {
-        tiled::<T, 2, 4, F23>(x, bhw, kern, bias)
-    } else {
+    let f43 = match VARIANT.load(Ordering::Relaxed) {
+        2 => false,
+        4 => true,
+        _ => bhw.1 * bhw.2 >= F43_PIXELS,
+    };
+    if f43 {
         tiled::<T, 4, 6, F43>(x, bhw, kern, bias)
+    } else {
+        tiled::<T, 2, 4, F23>(x, bhw, kern, bias)
     }
 }
 
-static VARIANT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4);
+/// 0: by image size (the default); 2 or 4: that output tile for every image.
+static VARIANT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// The output tile side for this process: 4 for F(4x4, 3x3) (the default), 2 for
-/// F(2x2, 3x3) (rounding as a direct convolution, 1.5-1.9x slower).
+/// The output tile side for this process: 4 for F(4x4, 3x3) on every image, 2 for
+/// F(2x2, 3x3) (rounding as a direct convolution, 1.5-1.9x slower at 32x32 and above),
+/// anything else for the default choice by image size.
 pub fn set_tile(m: usize) {
     VARIANT.store(m, Ordering::Relaxed);
 }
@@ -415,32 +429,36 @@ mod tests {
     }
 
     /// Through the layer entry points in f32, where the path applies (32 channels and
-    /// more, at least 32x32 pixels, odd width): forward and input gradient within the
-    /// default F(4x4, 3x3)'s rounding of candle's (5e-5 of the largest magnitude; a wrong
-    /// transform is off by O(1)).
+    /// more, odd widths): forward and input gradient within the rounding of the variant
+    /// for that size of candle's (F(4x4): 5e-5 of the largest magnitude; F(2x2): 2e-6; a
+    /// wrong transform is off by O(1)); below 16x16 pixels or 32 channels, the direct path.
     #[test]
     fn entry_points_take_the_tiles_in_f32() {
-        let (cin, cout, h, w) = (32, 40, 32, 33);
-        assert!(applies(3, 1, (h, w), cin, cout) && applies(3, 1, (h, w), cout, cin));
-        let f = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-        let x = f(randn(&[2, cin, h, w], 7));
-        let k = f(randn(&[cout, cin, 3, 3], 8));
-        let dy = f(randn(&[2, cout, h, w], 9));
-        let (e, m) = max_err(
-            &conv2d(&x, &k, 1, 1).unwrap(),
-            &x.conv2d(&k, 1, 1, 1, 1).unwrap(),
-        );
-        assert!(e <= 5e-5 * m, "forward {e} of {m}");
-        let xv = Var::from_tensor(&x).unwrap();
-        let g = (xv.as_tensor().conv2d(&k, 1, 1, 1, 1).unwrap() * &dy)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let want = g.get(xv.as_tensor()).unwrap();
-        let ours = conv2d_s1_input_grad(&dy, &k, 1).unwrap().unwrap();
-        let (e, m) = max_err(&ours, want);
-        assert!(e <= 5e-5 * m, "input gradient {e} of {m}");
+        // 32x33: F(4x4, 3x3); 16x17: F(2x2, 3x3), held to a direct sum's rounding.
+        for (h, w, tol) in [(32, 33, 5e-5), (16, 17, 2e-6)] {
+            let (cin, cout) = (32, 40);
+            assert!(applies(3, 1, (h, w), cin, cout) && applies(3, 1, (h, w), cout, cin));
+            let f = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+            let x = f(randn(&[2, cin, h, w], 7));
+            let k = f(randn(&[cout, cin, 3, 3], 8));
+            let dy = f(randn(&[2, cout, h, w], 9));
+            let (e, m) = max_err(
+                &conv2d(&x, &k, 1, 1).unwrap(),
+                &x.conv2d(&k, 1, 1, 1, 1).unwrap(),
+            );
+            assert!(e <= tol * m, "{h}x{w} forward {e} of {m}");
+            let xv = Var::from_tensor(&x).unwrap();
+            let g = (xv.as_tensor().conv2d(&k, 1, 1, 1, 1).unwrap() * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let want = g.get(xv.as_tensor()).unwrap();
+            let ours = conv2d_s1_input_grad(&dy, &k, 1).unwrap().unwrap();
+            let (e, m) = max_err(&ours, want);
+            assert!(e <= tol * m, "{h}x{w} input gradient {e} of {m}");
+        }
+        assert!(!applies(3, 1, (15, 16), 32, 32) && !applies(3, 1, (64, 64), 31, 64));
     }
 }
