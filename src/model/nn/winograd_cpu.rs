@@ -71,7 +71,7 @@ pub(super) fn applies(
 /// One Winograd variant F(M x M, 3 x 3) by its 1-D transforms (`A = M + 2` points): the
 /// input `B^T d`, the kernel `G g` and the output `A^T m`. Applied along columns, then
 /// rows, they give the 2-D transforms.
-trait Transforms<const M: usize, const A: usize>: Copy + Sync {
+trait Transforms<const M: usize, const A: usize> {
     fn input<T: WithDType>(d: [T; A]) -> [T; A];
     fn kernel<T: WithDType>(g: [T; 3]) -> [T; A];
     fn output<T: WithDType>(m: [T; A]) -> [T; M];
@@ -79,7 +79,6 @@ trait Transforms<const M: usize, const A: usize>: Copy + Sync {
 
 /// F(2x2, 3x3): points 0, 1, -1 and infinity; 16 products per tile where the direct
 /// convolution has 36.
-#[derive(Clone, Copy)]
 struct F23;
 
 impl Transforms<2, 4> for F23 {
@@ -97,7 +96,6 @@ impl Transforms<2, 4> for F23 {
 
 /// F(4x4, 3x3): points 0, +/-1, +/-2 and infinity; 36 products per tile of 16 outputs
 /// where the direct convolution has 144.
-#[derive(Clone, Copy)]
 struct F43;
 
 impl Transforms<4, 6> for F43 {

@@ -133,10 +133,9 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, _, width) = x.dims3()?;
         let hd = width / self.heads;
-        let split = |t: Tensor| -> Result<Tensor> { Ok(split_heads(&t, self.heads)?) };
-        let q = split(self.q_proj.forward(x)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
+        let q = split_heads(&self.q_proj.forward(x)?, self.heads)?;
+        let k = split_heads(&self.k_proj.forward(x)?, self.heads)?;
+        let v = split_heads(&self.v_proj.forward(x)?, self.heads)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let p = softmax_last_dim(&add_frozen(&scores, mask)?)?;
         let o = merge_heads(&p.matmul(&v)?, b)?;

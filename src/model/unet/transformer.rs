@@ -51,10 +51,9 @@ impl Attention {
         let (b, _, dim) = x.dims3()?;
         let hd = dim / self.heads;
         let (ck, cv) = hooks.apply(ctx.unwrap_or(x))?;
-        let split = |t: Tensor| -> Result<Tensor> { Ok(split_heads(&t, self.heads)?) };
-        let q = split(self.to_q.forward(x)?)?;
-        let k = split(self.to_k.forward(&ck)?)?;
-        let v = split(self.to_v.forward(&cv)?)?;
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(&ck)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(&cv)?, self.heads)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let dt = q.dtype();
         let o = if self.upcast && dt != DType::F32 && dt != DType::F64 {
@@ -183,19 +182,17 @@ impl Transformer2DModel {
     /// `x` [B, C, H, W], `ctx` [B, L, ctx_dim].
     pub fn forward(&self, x: &Tensor, ctx: &Tensor, hooks: &ContextHooks) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let to_seq = |t: Tensor| -> Result<Tensor> { Ok(to_tokens(&t)?) };
-        let to_img = |t: Tensor| -> Result<Tensor> { Ok(to_image(&t, h, w)?) };
         let n = self.norm.forward(x)?;
         let mut s = match &self.proj_in {
-            Proj::Conv(p) => to_seq(p.forward(&n)?)?,
-            Proj::Linear(p) => p.forward(&to_seq(n)?)?,
+            Proj::Conv(p) => to_tokens(&p.forward(&n)?)?,
+            Proj::Linear(p) => p.forward(&to_tokens(&n)?)?,
         };
         for block in &self.transformer_blocks {
             s = block.forward(&s, ctx, hooks)?;
         }
         let out = match &self.proj_out {
-            Proj::Conv(p) => p.forward(&to_img(s)?)?,
-            Proj::Linear(p) => to_img(p.forward(&s)?)?,
+            Proj::Conv(p) => p.forward(&to_image(&s, h, w)?)?,
+            Proj::Linear(p) => to_image(&p.forward(&s)?, h, w)?,
         };
         Ok((out + x)?)
     }
