@@ -152,12 +152,34 @@ impl<'a, T> Mat<'a, T> {
 /// `dst`'s element (r, c) at `r * drs + c * dcs`. Every index the strides reach is checked
 /// against its slice first.
 pub(super) fn matmul<T: WithDType>(
+    mnk: (usize, usize, usize),
+    dst: &mut [T],
+    dstride: (isize, isize),
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
+    matmul_on(mnk, dst, dstride, accumulate, (lhs, rhs), parallelism());
+}
+
+/// [`matmul`] on the calling thread only (for many small GEMMs run side by side).
+pub(super) fn matmul_one_thread<T: WithDType>(
+    mnk: (usize, usize, usize),
+    dst: &mut [T],
+    dstride: (isize, isize),
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
+    matmul_on(mnk, dst, dstride, false, (lhs, rhs), Parallelism::None);
+}
+
+fn matmul_on<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     (drs, dcs): (isize, isize),
     accumulate: bool,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
+    (lhs, rhs): (Mat<T>, Mat<T>),
+    par: Parallelism,
 ) {
     // The last index (rows x cols) reaches, or None when the strides are negative.
     let last = |rs: isize, cs: isize, rows: usize, cols: usize| {
@@ -198,7 +220,7 @@ pub(super) fn matmul<T: WithDType>(
             false,
             false,
             false,
-            parallelism(),
+            par,
         );
     }
 }

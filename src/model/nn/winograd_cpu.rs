@@ -22,15 +22,21 @@
 //! input gradient of such a convolution is the same convolution with the kernel transposed
 //! and flipped, so it takes this path too (the kernel is read through strides).
 
-use super::conv_cpu::{Kernel, Mat, matmul};
+use super::conv_cpu::{Kernel, Mat, matmul, matmul_one_thread};
 use candle_core::WithDType;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
+use std::ops::{Add, Mul, Sub};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Bytes of transformed input plus output per chunk of tiles (the GEMMs' operands).
 const CHUNK_BYTES: usize = 24 << 20;
 /// At least this many tiles per chunk (the GEMMs' column count), whatever the channels.
 const MIN_TILES: usize = 256;
+/// Bytes of transformed kernel at once: larger kernels (1280 -> 1280 channels: 105 MB as
+/// F(2x2, 3x3), 2560 -> 1280: 210 MB) are transformed in blocks of output channels, each
+/// block's GEMMs and output run before the next is made.
+const KERNEL_BYTES: usize = 64 << 20;
 /// Images of at least this many output pixels (SD1.5's UNet at 64x64 and 32x32, the VAE)
 /// take F(4x4, 3x3).
 const F43_PIXELS: usize = 32 * 32;
@@ -70,11 +76,65 @@ pub(super) fn applies(
 
 /// One Winograd variant F(M x M, 3 x 3) by its 1-D transforms (`A = M + 2` points): the
 /// input `B^T d`, the kernel `G g` and the output `A^T m`. Applied along columns, then
-/// rows, they give the 2-D transforms.
+/// rows, they give the 2-D transforms; each runs on [`Lanes`], several tiles (or kernel
+/// channel pairs) at once.
 trait Transforms<const M: usize, const A: usize> {
-    fn input<T: WithDType>(d: [T; A]) -> [T; A];
-    fn kernel<T: WithDType>(g: [T; 3]) -> [T; A];
-    fn output<T: WithDType>(m: [T; A]) -> [T; M];
+    fn input<L: Num>(d: [L; A]) -> [L; A];
+    fn kernel<L: Num>(g: [L; 3]) -> [L; A];
+    fn output<L: Num>(m: [L; A]) -> [L; M];
+}
+
+/// The arithmetic the transforms need: sums, differences and products with constants.
+trait Num: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> {
+    fn k(v: f64) -> Self;
+}
+
+/// `N` values of `T` handled as one: the transforms of `N` tiles (or `N` kernel channel
+/// pairs) run together, and the compiler turns the per-lane loops into vector
+/// instructions.
+#[derive(Clone, Copy)]
+struct Lanes<T, const N: usize>([T; N]);
+
+/// Lanes per vector: eight f32 fill an AVX2 register.
+const LANES: usize = 8;
+
+impl<T: WithDType, const N: usize> Add for Lanes<T, N> {
+    type Output = Self;
+    fn add(self, o: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l] + o.0[l]))
+    }
+}
+
+impl<T: WithDType, const N: usize> Sub for Lanes<T, N> {
+    type Output = Self;
+    fn sub(self, o: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l] - o.0[l]))
+    }
+}
+
+impl<T: WithDType, const N: usize> Mul for Lanes<T, N> {
+    type Output = Self;
+    fn mul(self, o: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l] * o.0[l]))
+    }
+}
+
+impl<T: WithDType, const N: usize> Num for Lanes<T, N> {
+    fn k(v: f64) -> Self {
+        Self([T::from_f64(v); N])
+    }
+}
+
+impl<T: WithDType, const N: usize> Lanes<T, N> {
+    /// The first `N` values of `s`, or as many as it has and zeros after them.
+    fn load(s: &[T]) -> Self {
+        match s.get(..N) {
+            Some(full) => Self(std::array::from_fn(|l| full[l])),
+            None => Self(std::array::from_fn(|l| {
+                s.get(l).copied().unwrap_or(T::zero())
+            })),
+        }
+    }
 }
 
 /// F(2x2, 3x3): points 0, 1, -1 and infinity; 16 products per tile where the direct
@@ -82,14 +142,14 @@ trait Transforms<const M: usize, const A: usize> {
 struct F23;
 
 impl Transforms<2, 4> for F23 {
-    fn input<T: WithDType>([d0, d1, d2, d3]: [T; 4]) -> [T; 4] {
+    fn input<L: Num>([d0, d1, d2, d3]: [L; 4]) -> [L; 4] {
         [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
     }
-    fn kernel<T: WithDType>([g0, g1, g2]: [T; 3]) -> [T; 4] {
-        let half = T::from_f64(0.5);
+    fn kernel<L: Num>([g0, g1, g2]: [L; 3]) -> [L; 4] {
+        let half = L::k(0.5);
         [g0, (g0 + g1 + g2) * half, (g0 - g1 + g2) * half, g2]
     }
-    fn output<T: WithDType>([m0, m1, m2, m3]: [T; 4]) -> [T; 2] {
+    fn output<L: Num>([m0, m1, m2, m3]: [L; 4]) -> [L; 2] {
         [m0 + m1 + m2, m1 - m2 - m3]
     }
 }
@@ -99,8 +159,8 @@ impl Transforms<2, 4> for F23 {
 struct F43;
 
 impl Transforms<4, 6> for F43 {
-    fn input<T: WithDType>([d0, d1, d2, d3, d4, d5]: [T; 6]) -> [T; 6] {
-        let (two, four, five) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(5.0));
+    fn input<L: Num>([d0, d1, d2, d3, d4, d5]: [L; 6]) -> [L; 6] {
+        let (two, four, five) = (L::k(2.0), L::k(4.0), L::k(5.0));
         [
             four * d0 - five * d2 + d4,
             d3 + d4 - four * (d1 + d2),
@@ -110,14 +170,16 @@ impl Transforms<4, 6> for F43 {
             four * d1 - five * d3 + d5,
         ]
     }
-    fn kernel<T: WithDType>([g0, g1, g2]: [T; 3]) -> [T; 6] {
-        let f = T::from_f64;
-        let (a, b) = (f(1.0 / 6.0) * (g0 + g2), f(1.0 / 6.0) * g1);
-        let (c, d) = (f(1.0 / 24.0) * g0 + f(1.0 / 6.0) * g2, f(1.0 / 12.0) * g1);
-        [f(0.25) * g0, T::zero() - a - b, b - a, c + d, c - d, g2]
+    fn kernel<L: Num>([g0, g1, g2]: [L; 3]) -> [L; 6] {
+        let (a, b) = (L::k(1.0 / 6.0) * (g0 + g2), L::k(1.0 / 6.0) * g1);
+        let (c, d) = (
+            L::k(1.0 / 24.0) * g0 + L::k(1.0 / 6.0) * g2,
+            L::k(1.0 / 12.0) * g1,
+        );
+        [L::k(0.25) * g0, L::k(0.0) - a - b, b - a, c + d, c - d, g2]
     }
-    fn output<T: WithDType>([m0, m1, m2, m3, m4, m5]: [T; 6]) -> [T; 4] {
-        let (two, four, eight) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(8.0));
+    fn output<L: Num>([m0, m1, m2, m3, m4, m5]: [L; 6]) -> [L; 4] {
+        let (two, four, eight) = (L::k(2.0), L::k(4.0), L::k(8.0));
         let (p12, n12, p34, n34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
         [
             m0 + p12 + p34,
@@ -128,41 +190,67 @@ impl Transforms<4, 6> for F43 {
     }
 }
 
-/// A 2-D transform: `f` along each column, then along each row.
-fn both_ways<T: Copy, const R: usize, const C: usize, const S: usize>(
-    x: [[T; C]; R],
-    f: impl Fn([T; R]) -> [T; S],
-    g: impl Fn([T; C]) -> [T; S],
-) -> [[T; S]; S] {
-    let cols: [[T; S]; C] = std::array::from_fn(|c| f(std::array::from_fn(|r| x[r][c])));
-    std::array::from_fn(|r| g(std::array::from_fn(|c| cols[c][r])))
-}
-
-/// `U = G g G^T` for every (output, input) channel pair, laid out `[Cout, A*A, Cin]`.
+/// `U = G g G^T` for output channels `o0..o1` and every input channel, laid out
+/// `[o1 - o0, A*A, Cin]`.
 fn kernel_transform<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
     kern: &Kernel<T>,
+    (o0, o1): (usize, usize),
 ) -> Vec<T> {
-    let (cout, cin) = (kern.cout, kern.cin);
-    let mut u = vec![T::zero(); cout * A * A * cin];
+    let cin = kern.cin;
+    let len = (o1 - o0) * A * A * cin;
+    // Written once, element by element, without zeroing first (up to 64 MB per call).
+    let mut u = Vec::with_capacity(len);
     // Offsets of every tap of channel pair (0, 0); `Kernel::tap` bounds-checks each.
-    let taps: Vec<usize> = (0..9).map(|t| kern.tap(t / 3, t % 3)).collect();
-    u.par_chunks_mut(A * A * cin)
+    let taps: [usize; 9] = std::array::from_fn(|t| kern.tap(t / 3, t % 3));
+    u.spare_capacity_mut()[..len]
+        .par_chunks_mut(A * A * cin)
         .enumerate()
-        .for_each(|(o, uo)| {
-            for i in 0..cin {
-                let at = o as isize * kern.so + i as isize * kern.si;
-                let g: [[T; 3]; 3] = std::array::from_fn(|r| {
-                    std::array::from_fn(|c| kern.data[(taps[r * 3 + c] as isize + at) as usize])
-                });
-                let t = both_ways(g, F::kernel, F::kernel);
-                for (r, row) in t.iter().enumerate() {
-                    for (c, &v) in row.iter().enumerate() {
-                        uo[(r * A + c) * cin + i] = v;
-                    }
-                }
+        .for_each(|(oo, uo)| {
+            let whole = cin - cin % LANES;
+            for i in (0..whole).step_by(LANES) {
+                kernel_lanes::<T, M, A, F, LANES>(kern, &taps, (o0 + oo, i), uo);
+            }
+            for i in whole..cin {
+                kernel_lanes::<T, M, A, F, 1>(kern, &taps, (o0 + oo, i), uo);
             }
         });
+    // SAFETY: `kernel_lanes` wrote every position of every input channel of each output
+    // channel's row, so all `len` elements are initialized.
+    unsafe { u.set_len(len) };
     u
+}
+
+/// The transforms of output channel `o` with input channels `i..i + N` into `uo`
+/// (`[A*A, Cin]`, that output channel's part of `U`): `G g` down each tap column, then
+/// along each row of the result.
+fn kernel_lanes<T: WithDType, const M: usize, const A: usize, F, const N: usize>(
+    kern: &Kernel<T>,
+    taps: &[usize; 9],
+    (o, i): (usize, usize),
+    uo: &mut [MaybeUninit<T>],
+) where
+    F: Transforms<M, A>,
+{
+    let at = o as isize * kern.so + i as isize * kern.si;
+    let tap = |r: usize, c: usize| {
+        let t0 = taps[r * 3 + c] as isize + at;
+        Lanes::<T, N>(std::array::from_fn(|l| {
+            kern.data[(t0 + l as isize * kern.si) as usize]
+        }))
+    };
+    let mut cols = [[Lanes::<T, N>::k(0.0); A]; 3];
+    for (c, col) in cols.iter_mut().enumerate() {
+        *col = F::kernel([tap(0, c), tap(1, c), tap(2, c)]);
+    }
+    let cin = kern.cin;
+    for r in 0..A {
+        let row = F::kernel([cols[0][r], cols[1][r], cols[2][r]]);
+        for (c, v) in row.iter().enumerate() {
+            for (dst, &x) in uo[(r * A + c) * cin + i..][..N].iter_mut().zip(&v.0) {
+                dst.write(x);
+            }
+        }
+    }
 }
 
 /// Geometry of the tiling: batch, image and tile-grid sizes.
@@ -182,7 +270,10 @@ impl Tiles {
 }
 
 /// `V = B^T d B` for the tiles of global tile rows `r0..r1` of channel `ci`'s planes,
-/// written to `v [A*A, tc]` (position-major).
+/// written to `v [A*A, tc]` (position-major). Per tile row, the `A` image rows it reads
+/// are copied into a zero-padded strip; `B^T` runs down the strip's columns, eight
+/// neighbouring columns at a time, and `B` along the rows of each tile, eight tiles at a
+/// time; border tiles need no tests.
 fn input_transform<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
     x: &[T],
     (cin, ci): (usize, usize),
@@ -191,73 +282,88 @@ fn input_transform<T: WithDType, const M: usize, const A: usize, F: Transforms<M
     v: &mut [T],
 ) {
     let tc = (r1 - r0) * t.tw;
-    let (h, w) = (t.h as isize, t.w as isize);
+    // Strip columns: image column x is at x + 1; whole groups of tiles and of lanes.
+    let pw = (M * t.tw.div_ceil(LANES) * LANES + A - M).next_multiple_of(LANES);
+    let mut strip = vec![T::zero(); A * pw];
+    let mut down = vec![T::zero(); A * pw];
     for gr in r0..r1 {
         let (b, ty) = (gr / t.th, gr % t.th);
         let plane = &x[(b * cin + ci) * t.h * t.w..][..t.h * t.w];
-        let y0 = (M * ty) as isize - 1;
-        for tx in 0..t.tw {
-            let x0 = (M * tx) as isize - 1;
-            let mut d = [[T::zero(); A]; A];
-            if y0 >= 0 && y0 + A as isize <= h && x0 >= 0 && x0 + A as isize <= w {
-                for (r, dr) in d.iter_mut().enumerate() {
-                    let at = (y0 as usize + r) * t.w + x0 as usize;
-                    dr.copy_from_slice(&plane[at..at + A]);
-                }
-            } else {
-                for (r, dr) in d.iter_mut().enumerate() {
-                    let y = y0 + r as isize;
-                    if y < 0 || y >= h {
-                        continue;
-                    }
-                    for (c, e) in dr.iter_mut().enumerate() {
-                        let xx = x0 + c as isize;
-                        if xx >= 0 && xx < w {
-                            *e = plane[y as usize * t.w + xx as usize];
-                        }
-                    }
-                }
+        for (r, row) in strip.chunks_exact_mut(pw).enumerate() {
+            match (M * ty + r).checked_sub(1).filter(|&y| y < t.h) {
+                Some(y) => row[1..1 + t.w].copy_from_slice(&plane[y * t.w..][..t.w]),
+                None => row.fill(T::zero()),
             }
+        }
+        for x0 in (0..pw).step_by(LANES) {
+            let d: [Lanes<T, LANES>; A] =
+                std::array::from_fn(|r| Lanes::load(&strip[r * pw + x0..]));
+            for (r, e) in F::input(d).iter().enumerate() {
+                down[r * pw + x0..][..LANES].copy_from_slice(&e.0);
+            }
+        }
+        for tx in (0..t.tw).step_by(LANES) {
             let col = (gr - r0) * t.tw + tx;
-            let s = both_ways(d, F::input, F::input);
-            for (r, row) in s.iter().enumerate() {
-                for (c, &val) in row.iter().enumerate() {
-                    v[(r * A + c) * tc + col] = val;
+            let n = LANES.min(t.tw - tx);
+            for r in 0..A {
+                let s = &down[r * pw + M * tx..][..M * (LANES - 1) + A];
+                let d: [Lanes<T, LANES>; A] =
+                    std::array::from_fn(|c| Lanes(std::array::from_fn(|l| s[M * l + c])));
+                for (c, e) in F::input(d).iter().enumerate() {
+                    let dst = &mut v[(r * A + c) * tc + col..][..n];
+                    if n == LANES {
+                        dst.copy_from_slice(&e.0);
+                    } else {
+                        dst.copy_from_slice(&e.0[..n]);
+                    }
                 }
             }
         }
     }
 }
 
-/// `Y = A^T M A` (+ bias) from `m [A*A, tc]` of output channel `co` into `plane` (image
+/// `Y = A^T M A` (+ bias) from one output channel's `m` (position `p`, tile `i` at
+/// `p * ps + i`) into `plane` (image
 /// `b`'s `[h, w]` plane of that channel), for the tiles of global tile rows `r0..r1` in
-/// image `b`.
+/// image `b`, eight tiles at a time: `A` along each row of positions, then down.
 fn output_transform<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
     m: &[T],
-    t: Tiles,
+    (ps, t): (usize, Tiles),
     (b, r0, r1): (usize, usize, usize),
     bias: T,
     plane: &mut [T],
 ) {
-    let tc = (r1 - r0) * t.tw;
+    let bias = Lanes::<T, LANES>([bias; LANES]);
     for gr in r0.max(b * t.th)..r1.min((b + 1) * t.th) {
         let ty = gr % t.th;
-        for tx in 0..t.tw {
+        for tx in (0..t.tw).step_by(LANES) {
             let col = (gr - r0) * t.tw + tx;
-            let e: [[T; A]; A] =
-                std::array::from_fn(|r| std::array::from_fn(|c| m[(r * A + c) * tc + col]));
-            let y = both_ways(e, F::output, F::output);
-            for (r, row) in y.iter().enumerate() {
+            let mut across = [[Lanes::<T, LANES>::k(0.0); M]; A];
+            for (r, a) in across.iter_mut().enumerate() {
+                // Lanes past this row's last tile read the next row's (or zeros); unused.
+                let e: [Lanes<T, LANES>; A] =
+                    std::array::from_fn(|c| Lanes::load(&m[(r * A + c) * ps + col..]));
+                *a = F::output(e);
+            }
+            // The eight tiles' output rows: rows[r][l][c] is pixel (M ty + r, M (tx + l) + c).
+            let mut rows = [[[T::zero(); M]; LANES]; M];
+            for c in 0..M {
+                let y = F::output(std::array::from_fn(|r| across[r][c]));
+                for (r, yr) in y.iter().enumerate() {
+                    let s = *yr + bias;
+                    for (l, px) in rows[r].iter_mut().enumerate() {
+                        px[c] = s.0[l];
+                    }
+                }
+            }
+            let x0 = M * tx;
+            let xn = (M * LANES).min(t.w - x0);
+            for (r, row) in rows.iter().enumerate() {
                 let yy = M * ty + r;
                 if yy >= t.h {
                     break;
                 }
-                for (c, &val) in row.iter().enumerate() {
-                    let xx = M * tx + c;
-                    if xx < t.w {
-                        plane[yy * t.w + xx] = val + bias;
-                    }
-                }
+                plane[yy * t.w + x0..][..xn].copy_from_slice(&row.as_flattened()[..xn]);
             }
         }
     }
@@ -277,9 +383,9 @@ pub(super) fn conv3x3<T: WithDType>(
         _ => bhw.1 * bhw.2 >= F43_PIXELS,
     };
     if f43 {
-        tiled::<T, 4, 6, F43>(x, bhw, kern, bias)
+        tiled::<T, 4, 6, F43>(x, bhw, kern, bias, PLAN)
     } else {
-        tiled::<T, 2, 4, F23>(x, bhw, kern, bias)
+        tiled::<T, 2, 4, F23>(x, bhw, kern, bias, PLAN)
     }
 }
 
@@ -293,11 +399,27 @@ pub fn set_tile(m: usize) {
     VARIANT.store(m, Ordering::Relaxed);
 }
 
+/// How `tiled` cuts the work: bytes of transformed input plus output per chunk of tiles,
+/// the fewest tiles per chunk, and the most bytes of transformed kernel at once.
+#[derive(Clone, Copy)]
+struct Plan {
+    chunk_bytes: usize,
+    min_tiles: usize,
+    kernel_bytes: usize,
+}
+
+const PLAN: Plan = Plan {
+    chunk_bytes: CHUNK_BYTES,
+    min_tiles: MIN_TILES,
+    kernel_bytes: KERNEL_BYTES,
+};
+
 fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
     x: &[T],
     (b, h, w): (usize, usize, usize),
     kern: &Kernel<T>,
     bias: Option<&[T]>,
+    plan: Plan,
 ) -> Vec<T> {
     let (cin, cout) = (kern.cin, kern.cout);
     let t = Tiles {
@@ -308,10 +430,18 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
         tw: w.div_ceil(M),
     };
     let aa = A * A;
-    let u = kernel_transform::<T, M, A, F>(kern);
-    let per_tile = aa * (cin + cout) * std::mem::size_of::<T>();
-    let rows_per_chunk = (CHUNK_BYTES / per_tile)
-        .max(MIN_TILES)
+    let size = std::mem::size_of::<T>();
+    // Output channels per block of transformed kernel.
+    let per_block = (plan.kernel_bytes / (aa * cin * size)).clamp(1, cout);
+    let blocks: Vec<(usize, usize)> = (0..cout)
+        .step_by(per_block)
+        .map(|o| (o, (o + per_block).min(cout)))
+        .collect();
+    // One block serves every chunk of tiles; several are transformed again per chunk.
+    let whole = (blocks.len() == 1).then(|| kernel_transform::<T, M, A, F>(kern, (0, cout)));
+    let per_tile = aa * (cin + per_block) * size;
+    let rows_per_chunk = (plan.chunk_bytes / per_tile)
+        .max(plan.min_tiles)
         .div_ceil(t.tw)
         .max(1);
     let mut out = vec![T::zero(); b * cout * h * w];
@@ -322,36 +452,61 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
         let r1 = (r0 + rows_per_chunk).min(t.rows());
         let tc = (r1 - r0) * t.tw;
         v.resize(cin * aa * tc, T::zero());
-        m.resize(cout * aa * tc, T::zero());
         v[..cin * aa * tc]
             .par_chunks_mut(aa * tc)
             .enumerate()
             .for_each(|(ci, vc)| input_transform::<T, M, A, F>(x, (cin, ci), t, (r0, r1), vc));
-        for xi in 0..aa {
-            matmul(
-                (cout, tc, cin),
-                &mut m[xi * tc..cout * aa * tc],
-                ((aa * tc) as isize, 1),
-                false,
-                Mat::new(&u[xi * cin..], (aa * cin) as isize, 1),
-                Mat::new(&v[xi * tc..cin * aa * tc], (aa * tc) as isize, 1),
-            );
-        }
         let (b0, b1) = (r0 / t.th, (r1 - 1) / t.th);
-        out.par_chunks_mut(h * w)
-            .enumerate()
-            .filter(|(bc, _)| (b0..=b1).contains(&(bc / cout)))
-            .for_each(|(bc, plane)| {
-                let (bi, co) = (bc / cout, bc % cout);
-                let bv = bias.map_or(T::zero(), |bv| bv[co]);
-                output_transform::<T, M, A, F>(
-                    &m[co * aa * tc..][..aa * tc],
-                    t,
-                    (bi, r0, r1),
-                    bv,
-                    plane,
-                );
-            });
+        for &(o0, o1) in &blocks {
+            let block;
+            let u = match &whole {
+                Some(u) => u,
+                None => {
+                    block = kernel_transform::<T, M, A, F>(kern, (o0, o1));
+                    &block
+                }
+            };
+            let nco = o1 - o0;
+            // M [A*A, nco, tc]: one GEMM per position of the transform.
+            m.resize(aa * nco * tc, T::zero());
+            let operands = |xi: usize| {
+                (
+                    Mat::new(&u[xi * cin..], (aa * cin) as isize, 1),
+                    Mat::new(&v[xi * tc..cin * aa * tc], (aa * tc) as isize, 1),
+                )
+            };
+            if aa >= 4 * rayon::current_num_threads() {
+                // Enough GEMMs to share out whole: each on one thread, no handover inside.
+                m[..aa * nco * tc]
+                    .par_chunks_mut(nco * tc)
+                    .enumerate()
+                    .for_each(|(xi, mx)| {
+                        let (a, b) = operands(xi);
+                        matmul_one_thread((nco, tc, cin), mx, (tc as isize, 1), a, b);
+                    });
+            } else {
+                for (xi, mx) in m[..aa * nco * tc].chunks_mut(nco * tc).enumerate() {
+                    let (a, b) = operands(xi);
+                    matmul((nco, tc, cin), mx, (tc as isize, 1), false, a, b);
+                }
+            }
+            out.par_chunks_mut(h * w)
+                .enumerate()
+                .filter(|(bc, _)| {
+                    (b0..=b1).contains(&(bc / cout)) && (o0..o1).contains(&(bc % cout))
+                })
+                .for_each(|(bc, plane)| {
+                    let (bi, co) = (bc / cout, bc % cout);
+                    let bv = bias.map_or(T::zero(), |bv| bv[co]);
+                    output_transform::<T, M, A, F>(
+                        &m[(co - o0) * tc..aa * nco * tc],
+                        (nco * tc, t),
+                        (bi, r0, r1),
+                        bv,
+                        plane,
+                    );
+                });
+        }
         r0 = r1;
     }
     out
@@ -364,7 +519,21 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor, Var};
 
-    fn run(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, flip: bool, m: usize) -> Tensor {
+    /// Chunks of at least 5 tiles (several per image), kernels transformed one output
+    /// channel at a time and again for every chunk.
+    const SMALL: Plan = Plan {
+        chunk_bytes: 0,
+        min_tiles: 5,
+        kernel_bytes: 1,
+    };
+
+    fn run(
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        flip: bool,
+        (m, plan): (usize, Plan),
+    ) -> Tensor {
         let (b, cin, h, wd) = x.dims4().unwrap();
         let (o, i, k, _) = w.dims4().unwrap();
         let xs = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -376,17 +545,18 @@ mod tests {
         }
         assert_eq!(kern.cin, cin);
         let y = if m == 4 {
-            tiled::<f64, 4, 6, F43>(&xs, (b, h, wd), &kern, bs.as_deref())
+            tiled::<f64, 4, 6, F43>(&xs, (b, h, wd), &kern, bs.as_deref(), plan)
         } else {
-            tiled::<f64, 2, 4, F23>(&xs, (b, h, wd), &kern, bs.as_deref())
+            tiled::<f64, 2, 4, F23>(&xs, (b, h, wd), &kern, bs.as_deref(), plan)
         };
         Tensor::from_vec(y, (b, kern.cout, h, wd), &Device::Cpu).unwrap()
     }
 
     /// The tiles against candle's direct convolution in f64 (to rounding): odd and even
     /// sides (half-filled last tiles), one-pixel images, batch 3 (tile rows crossing
-    /// images), a bias; and with the kernel read transposed and flipped (the input
-    /// gradient) against candle's transposed convolution.
+    /// images), a bias; channel counts and widths with whole and partial groups of lanes;
+    /// with the kernel read transposed and flipped (the input gradient) against candle's
+    /// transposed convolution; in one chunk and one kernel block, and in many of each.
     #[test]
     fn tiles_equal_the_direct_convolution() {
         for (i, &(b, cin, cout, h, w)) in [
@@ -396,6 +566,8 @@ mod tests {
             (1, 6, 4, 2, 3),
             (2, 5, 3, 8, 8),
             (1, 3, 2, 13, 10),
+            (2, 11, 9, 10, 37),
+            (1, 17, 16, 19, 70),
         ]
         .iter()
         .enumerate()
@@ -412,17 +584,37 @@ mod tests {
             let dy = randn(&[b, cout, h, w], s + 4);
             let want_t = dy.conv_transpose2d(&k, 1, 0, 1, 1).unwrap();
             for tile in [2, 4] {
-                let (e, m) = max_err(&run(&x, &k, Some(&bias), false, tile), &want);
-                assert!(
-                    e <= 1e-12 * m.max(1.0),
-                    "F({tile}) forward {b}x{cin}x{h}x{w}: {e} of {m}"
-                );
-                let (e, m) = max_err(&run(&dy, &k, None, true, tile), &want_t);
-                assert!(
-                    e <= 1e-12 * m.max(1.0),
-                    "F({tile}) transposed {b}x{cout}x{h}x{w}: {e} of {m}"
-                );
+                for (p, plan) in [PLAN, SMALL].into_iter().enumerate() {
+                    let (e, m) = max_err(&run(&x, &k, Some(&bias), false, (tile, plan)), &want);
+                    assert!(
+                        e <= 1e-12 * m.max(1.0),
+                        "F({tile}) plan {p} forward {b}x{cin}x{h}x{w}: {e} of {m}"
+                    );
+                    let (e, m) = max_err(&run(&dy, &k, None, true, (tile, plan)), &want_t);
+                    assert!(
+                        e <= 1e-12 * m.max(1.0),
+                        "F({tile}) plan {p} transposed {b}x{cout}x{h}x{w}: {e} of {m}"
+                    );
+                }
             }
+        }
+    }
+
+    /// With 16 threads (more than a quarter of the transform's positions) the GEMMs run
+    /// one after another, each on every thread, instead of one per thread: same result.
+    #[test]
+    fn many_threads_share_each_gemm() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(16)
+            .build()
+            .unwrap();
+        let x = randn(&[2, 9, 11, 13], 91);
+        let k = randn(&[10, 9, 3, 3], 92);
+        let want = x.conv2d(&k, 1, 1, 1, 1).unwrap();
+        for tile in [2, 4] {
+            let got = pool.install(|| run(&x, &k, None, false, (tile, PLAN)));
+            let (e, m) = max_err(&got, &want);
+            assert!(e <= 1e-12 * m.max(1.0), "F({tile}): {e} of {m}");
         }
     }
 
