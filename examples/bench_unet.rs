@@ -646,7 +646,7 @@ fn vae(dir: &Path, runs: usize) -> Result<()> {
             plain = plain.min(timed(|| Ok(conv.forward(&up(&x)?)?))?.1);
         }
         println!(
-            "  upsampler {c} ch {size}->{}: phase kernels {phase:.3} s, upsample + conv {plain:.3} s ({:.2}x)",
+            "  upsampler {c} ch {size}->{}: forward_upsampled (phase kernels where Winograd F(4x4) does not apply) {phase:.3} s, upsample + conv {plain:.3} s ({:.2}x)",
             2 * size,
             phase / plain
         );

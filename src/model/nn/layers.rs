@@ -10,6 +10,7 @@ use super::fused_cpu;
 use super::grad::{input_grad_only, input_grad_only_cpu, param, scale_shift_frozen};
 use super::lowrank_cpu;
 use super::upconv_cpu;
+use super::winograd_cpu;
 use crate::model::Result;
 use crate::model::weights::{Param, Weights};
 use candle_core::{D, DType, Tensor, Var};
@@ -228,12 +229,15 @@ impl Conv2d {
     /// `self.forward(nearest-upsample x to th x tw)`, diffusers' `Upsample2D`. Where the
     /// size doubles, the kernel is a frozen 3x3 with padding 1 and no adapter, the CPU
     /// computes it from `x` itself (`upconv_cpu`: four 2x2 phase convolutions, 4/9 of the
-    /// multiply-adds, and the input gradient likewise), never building the upsampled image.
+    /// multiply-adds, and the input gradient likewise), never building the upsampled image;
+    /// unless the upsampled convolution takes Winograd's F(4x4, 3x3), which needs fewer
+    /// still (the VAE decoder at 128 px and up, the UNet's 32x32 and 64x64 levels).
     pub fn forward_upsampled(&self, x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
+        let (_, cin, h, w) = x.dims4()?;
         if let (Param::Frozen(wt), true, None) = (&self.weight, frozen(&self.bias), &self.delta)
             && (th, tw, self.stride, self.padding) == (2 * h, 2 * w, 1, 1)
             && upconv_cpu::applies(x, wt)
+            && !winograd_cpu::takes_f43((th, tw), cin, wt.dim(0)?)
         {
             let b = self.bias.as_ref().map(|b| b.value());
             return Ok(upconv_cpu::upsample2x_conv3x3(x, wt, b.as_ref())?);
