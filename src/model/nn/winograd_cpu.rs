@@ -322,12 +322,7 @@ fn input_transform<T: WithDType, const M: usize, const A: usize, F: Transforms<M
                 let d: [Lanes<T, LANES>; A] =
                     std::array::from_fn(|c| Lanes(std::array::from_fn(|l| s[M * l + c])));
                 for (c, e) in F::input(d).iter().enumerate() {
-                    let dst = &mut v[(r * A + c) * tc + col..][..n];
-                    if n == LANES {
-                        dst.copy_from_slice(&e.0);
-                    } else {
-                        dst.copy_from_slice(&e.0[..n]);
-                    }
+                    v[(r * A + c) * tc + col..][..n].copy_from_slice(&e.0[..n]);
                 }
             }
         }
@@ -335,9 +330,9 @@ fn input_transform<T: WithDType, const M: usize, const A: usize, F: Transforms<M
 }
 
 /// `Y = A^T M A` (+ bias) from one output channel's `m` (position `p`, tile `i` at
-/// `p * ps + i`) into `plane` (image
-/// `b`'s `[h, w]` plane of that channel), for the tiles of global tile rows `r0..r1` in
-/// image `b`, eight tiles at a time: `A` along each row of positions, then down.
+/// `p * ps + i`) into `plane` (image `b`'s `[h, w]` plane of that channel), for the tiles
+/// of global tile rows `r0..r1` in image `b`, eight tiles at a time: `A` along each row of
+/// positions, then down.
 fn output_transform<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
     m: &[T],
     (ps, t): (usize, Tiles),
