@@ -546,7 +546,7 @@ fn conv(reps: usize) -> Result<()> {
         set_tile(if j == 2 { 4 } else { 2 });
     };
     println!(
-        "conv (cin->cout kxk @side): candle fwd | sdkit fwd direct / F(2x2,3x3) / F(4x4,3x3) | fwd+input grad the same, s"
+        "conv (cin->cout kxk @side): candle fwd | sdkit fwd direct / F(2x2,3x3) / F(4x4,3x3) | fwd+input grad the same | fwd+kernel grad the same, s"
     );
     for (i, &(cin, cout, k, side)) in shapes.iter().enumerate() {
         let x = randn(&[1, cin, side, side], 20 + i as u64)?;
@@ -559,8 +559,13 @@ fn conv(reps: usize) -> Result<()> {
             padding: k / 2,
         };
         let xv = Var::from_tensor(&x)?;
+        // The same layer with its kernel trained (DreamBooth, LoCon): the kernel gradient.
+        let trained = Conv2d {
+            weight: Param::Trainable(Var::from_tensor(&w)?),
+            ..layer.clone()
+        };
         let mut a = f64::INFINITY;
-        let (mut b, mut c) = ([f64::INFINITY; 3], [f64::INFINITY; 3]);
+        let (mut b, mut c, mut d) = ([f64::INFINITY; 3], [f64::INFINITY; 3], [f64::INFINITY; 3]);
         for _ in 0..reps {
             if side <= 64 {
                 a = a.min(timed(|| Ok(x.conv2d(&w, k / 2, 1, 1, 1)?))?.1);
@@ -570,19 +575,43 @@ fn conv(reps: usize) -> Result<()> {
                 b[j] = b[j].min(timed(|| Ok(layer.forward(&x)?))?.1);
                 c[j] = c[j]
                     .min(timed(|| Ok(layer.forward(xv.as_tensor())?.sum_all()?.backward()?))?.1);
+                d[j] = d[j].min(timed(|| Ok(trained.forward(&x)?.sum_all()?.backward()?))?.1);
             }
         }
         path(0);
         let direct = layer.forward(&x)?;
-        let mut errs = [0f32; 2];
-        for (j, e) in errs.iter_mut().enumerate() {
+        let kernel_grad = |trained: &Conv2d| -> Result<Tensor> {
+            let g = (trained.forward(&x)? * &x.narrow(1, 0, 1)?.broadcast_as(direct.shape())?)?
+                .sum_all()?
+                .backward()?;
+            let Param::Trainable(v) = &trained.weight else {
+                bail!("frozen")
+            };
+            Ok(g.get(v.as_tensor()).context("no kernel gradient")?.clone())
+        };
+        let direct_kg = kernel_grad(&trained)?;
+        let (mut errs, mut kg_errs) = ([0f32; 2], [0f32; 2]);
+        for j in 0..2 {
             path(j + 1);
-            *e = rel_err(&layer.forward(&x)?, &direct)?;
+            errs[j] = rel_err(&layer.forward(&x)?, &direct)?;
+            kg_errs[j] = rel_err(&kernel_grad(&trained)?, &direct_kg)?;
         }
         path(1);
         println!(
-            "{cin:5}->{cout:<5} {k}x{k} @{side:<3} {a:7.4} | {:7.4} / {:7.4} / {:7.4} | {:7.4} / {:7.4} / {:7.4}   (rel diff {:.1e} / {:.1e})",
-            b[0], b[1], b[2], c[0], c[1], c[2], errs[0], errs[1]
+            "{cin:5}->{cout:<5} {k}x{k} @{side:<3} {a:7.4} | {:7.4} / {:7.4} / {:7.4} | {:7.4} / {:7.4} / {:7.4} | {:7.4} / {:7.4} / {:7.4}   (rel diff fwd {:.1e} / {:.1e}, kernel grad {:.1e} / {:.1e})",
+            b[0],
+            b[1],
+            b[2],
+            c[0],
+            c[1],
+            c[2],
+            d[0],
+            d[1],
+            d[2],
+            errs[0],
+            errs[1],
+            kg_errs[0],
+            kg_errs[1]
         );
     }
     Ok(())

@@ -167,10 +167,11 @@ pub(super) fn matmul_one_thread<T: WithDType>(
     mnk: (usize, usize, usize),
     dst: &mut [T],
     dstride: (isize, isize),
+    accumulate: bool,
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) {
-    matmul_on(mnk, dst, dstride, false, (lhs, rhs), Parallelism::None);
+    matmul_on(mnk, dst, dstride, accumulate, (lhs, rhs), Parallelism::None);
 }
 
 fn matmul_on<T: WithDType>(
@@ -468,6 +469,9 @@ fn conv_s1_kernel_grad<T: WithDType>(
     (cout, k): (usize, usize),
     pad: usize,
 ) -> Vec<T> {
+    if let Some(dw) = super::winograd_cpu::kernel_grad3x3(x, dy, (b, h, w), (cin, cout), (k, pad)) {
+        return dw;
+    }
     let g = Geom { b, h, w, pad, k };
     if k == 1 && pad == 0 {
         // dW = sum over images of dy [Cout, HW] @ x^T [HW, Cin].

@@ -20,7 +20,8 @@
 //! Tiles are processed in chunks of whole tile rows, sized so the transformed input and
 //! output of a chunk stay a few tens of MB however large the image (the VAE at 512 px). The
 //! input gradient of such a convolution is the same convolution with the kernel transposed
-//! and flipped, so it takes this path too (the kernel is read through strides).
+//! and flipped, so it takes this path too (the kernel is read through strides). The kernel
+//! gradient (a trained kernel) runs the transforms' adjoints ([`kernel_grad`]).
 
 use super::conv_cpu::{Kernel, Mat, matmul, matmul_one_thread};
 use candle_core::WithDType;
@@ -28,6 +29,9 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::ops::{Add, Mul, Sub};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+mod kernel_grad;
+pub(super) use kernel_grad::kernel_grad3x3;
 
 /// Bytes of transformed input plus output per chunk of tiles (the GEMMs' operands).
 const CHUNK_BYTES: usize = 24 << 20;
@@ -94,6 +98,11 @@ trait Transforms<const M: usize, const A: usize> {
     fn input<L: Num>(d: [L; A]) -> [L; A];
     fn kernel<L: Num>(g: [L; 3]) -> [L; A];
     fn output<L: Num>(m: [L; A]) -> [L; M];
+    /// The adjoint (transpose) of [`Transforms::output`]: where an output gradient enters
+    /// `M` (the kernel gradient, `kernel_grad`).
+    fn output_adjoint<L: Num>(y: [L; M]) -> [L; A];
+    /// The adjoint of [`Transforms::kernel`]: where a gradient of `U` lands on the taps.
+    fn kernel_adjoint<L: Num>(u: [L; A]) -> [L; 3];
 }
 
 /// The arithmetic the transforms need: sums, differences and products with constants.
@@ -164,6 +173,14 @@ impl Transforms<2, 4> for F23 {
     fn output<L: Num>([m0, m1, m2, m3]: [L; 4]) -> [L; 2] {
         [m0 + m1 + m2, m1 - m2 - m3]
     }
+    fn output_adjoint<L: Num>([y0, y1]: [L; 2]) -> [L; 4] {
+        [y0, y0 + y1, y0 - y1, L::k(0.0) - y1]
+    }
+    fn kernel_adjoint<L: Num>([u0, u1, u2, u3]: [L; 4]) -> [L; 3] {
+        let half = L::k(0.5);
+        let (s, d) = ((u1 + u2) * half, (u1 - u2) * half);
+        [u0 + s, d, s + u3]
+    }
 }
 
 /// F(4x4, 3x3): points 0, +/-1, +/-2 and infinity; 36 products per tile of 16 outputs
@@ -198,6 +215,21 @@ impl Transforms<4, 6> for F43 {
             n12 + two * n34,
             p12 + four * p34,
             n12 + eight * n34 + m5,
+        ]
+    }
+    fn output_adjoint<L: Num>([y0, y1, y2, y3]: [L; 4]) -> [L; 6] {
+        let (two, four, eight) = (L::k(2.0), L::k(4.0), L::k(8.0));
+        let (e, o) = (y0 + y2, y1 + y3);
+        let (e4, o8) = (y0 + four * y2, two * y1 + eight * y3);
+        [y0, e + o, e - o, e4 + o8, e4 - o8, y3]
+    }
+    fn kernel_adjoint<L: Num>([u0, u1, u2, u3, u4, u5]: [L; 6]) -> [L; 3] {
+        let (s12, d21, s34, d34) = (u1 + u2, u2 - u1, u3 + u4, u3 - u4);
+        let sixth = L::k(1.0 / 6.0);
+        [
+            L::k(0.25) * u0 - sixth * s12 + L::k(1.0 / 24.0) * s34,
+            sixth * d21 + L::k(1.0 / 12.0) * d34,
+            sixth * (s34 - s12) + u5,
         ]
     }
 }
@@ -484,7 +516,7 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
                     .enumerate()
                     .for_each(|(xi, mx)| {
                         let (a, b) = operands(xi);
-                        matmul_one_thread((nco, tc, cin), mx, (tc as isize, 1), a, b);
+                        matmul_one_thread((nco, tc, cin), mx, (tc as isize, 1), false, a, b);
                     });
             } else {
                 for (xi, mx) in m[..aa * nco * tc].chunks_mut(nco * tc).enumerate() {
@@ -523,7 +555,7 @@ mod tests {
 
     /// Chunks of at least 5 tiles (several per image), kernels transformed one output
     /// channel at a time and again for every chunk.
-    const SMALL: Plan = Plan {
+    pub(super) const SMALL: Plan = Plan {
         chunk_bytes: 0,
         min_tiles: 5,
         kernel_bytes: 1,
