@@ -12,7 +12,7 @@
 use super::super::conv_cpu::{Mat, matmul, matmul_one_thread};
 use super::{
     F23, F43, LANES, Lanes, PLAN, Plan, Tiles, Transforms, VARIANT, applies, input_transform,
-    takes_f43,
+    strip_to_positions, takes_f43,
 };
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -165,25 +165,14 @@ fn grad_transform<T: WithDType, const M: usize, const A: usize, F: Transforms<M,
                 false => row.fill(T::zero()),
             }
         }
-        for x0 in (0..pw).step_by(LANES) {
-            let d: [Lanes<T, LANES>; M] =
-                std::array::from_fn(|r| Lanes::load(&strip[r * pw + x0..]));
-            for (r, e) in F::output_adjoint(d).iter().enumerate() {
-                down[r * pw + x0..][..LANES].copy_from_slice(&e.0);
-            }
-        }
-        for tx in (0..t.tw).step_by(LANES) {
-            let col = (gr - r0) * t.tw + tx;
-            let n = LANES.min(t.tw - tx);
-            for r in 0..A {
-                let s = &down[r * pw + M * tx..][..M * LANES];
-                let d: [Lanes<T, LANES>; M] =
-                    std::array::from_fn(|c| Lanes(std::array::from_fn(|l| s[M * l + c])));
-                for (c, e) in F::output_adjoint(d).iter().enumerate() {
-                    w[(r * A + c) * tc + col..][..n].copy_from_slice(&e.0[..n]);
-                }
-            }
-        }
+        strip_to_positions::<T, M, M, A>(
+            &strip,
+            &mut down,
+            (pw, t.tw),
+            (gr - r0, tc),
+            w,
+            F::output_adjoint,
+        );
     }
 }
 
@@ -216,7 +205,7 @@ mod tests {
     use super::super::super::conv_cpu::conv2d_s1_kernel_grad;
     use super::super::super::conv_cpu::tests::{max_err, randn};
     use super::super::Transforms;
-    use super::super::tests::SMALL;
+    use super::super::tests::{SHAPES, SMALL};
     use super::*;
     use candle_core::{DType, Device, Tensor, Var};
 
@@ -265,24 +254,13 @@ mod tests {
         g.get(kv.as_tensor()).unwrap().clone()
     }
 
-    /// Against candle's kernel gradient in f64 (to rounding): odd and even sides (the
-    /// half-filled last tiles), one-pixel images, batches whose tile rows cross images,
-    /// channel counts with whole and partial lane groups; in one chunk and one block, and
+    /// Against candle's kernel gradient in f64 (to rounding) on the forward's test shapes;
+    /// in one chunk and one block, and
     /// in chunks of 5 tiles with one output channel per block (the input transform made
     /// again per block, the GEMMs adding up over chunks).
     #[test]
     fn kernel_gradient_equals_the_direct_one() {
-        for (i, &(b, cin, cout, h, w)) in [
-            (1, 3, 5, 7, 6),
-            (3, 4, 2, 5, 9),
-            (2, 2, 3, 1, 1),
-            (1, 6, 4, 2, 3),
-            (2, 11, 9, 10, 37),
-            (1, 17, 16, 19, 70),
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (i, &(b, cin, cout, h, w)) in SHAPES.iter().enumerate() {
             let s = 10 * i as u64;
             let x = randn(&[b, cin, h, w], s + 1);
             let k = randn(&[cout, cin, 3, 3], s + 2);

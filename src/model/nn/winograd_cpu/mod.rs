@@ -339,23 +339,38 @@ fn input_transform<T: WithDType, const M: usize, const A: usize, F: Transforms<M
                 None => row.fill(T::zero()),
             }
         }
-        for x0 in (0..pw).step_by(LANES) {
-            let d: [Lanes<T, LANES>; A] =
-                std::array::from_fn(|r| Lanes::load(&strip[r * pw + x0..]));
-            for (r, e) in F::input(d).iter().enumerate() {
-                down[r * pw + x0..][..LANES].copy_from_slice(&e.0);
-            }
+        strip_to_positions::<T, M, A, A>(&strip, &mut down, (pw, t.tw), (gr - r0, tc), v, F::input);
+    }
+}
+
+/// The two passes of a tile row's transform into positions, shared by the input transform
+/// and the output gradient's (`kernel_grad`): `f` (`K` points to `A`) down each column of
+/// the strip (`K` rows of `pw`), eight neighbouring columns at a time, into `down`; then
+/// along each of its `A` rows for tiles `M` columns apart, eight tiles at a time, into
+/// `dst [A*A, tc]` at the columns of local tile row `lr` (of `tw` tiles).
+fn strip_to_positions<T: WithDType, const M: usize, const K: usize, const A: usize>(
+    strip: &[T],
+    down: &mut [T],
+    (pw, tw): (usize, usize),
+    (lr, tc): (usize, usize),
+    dst: &mut [T],
+    f: impl Fn([Lanes<T, LANES>; K]) -> [Lanes<T, LANES>; A],
+) {
+    for x0 in (0..pw).step_by(LANES) {
+        let d: [Lanes<T, LANES>; K] = std::array::from_fn(|r| Lanes::load(&strip[r * pw + x0..]));
+        for (r, e) in f(d).iter().enumerate() {
+            down[r * pw + x0..][..LANES].copy_from_slice(&e.0);
         }
-        for tx in (0..t.tw).step_by(LANES) {
-            let col = (gr - r0) * t.tw + tx;
-            let n = LANES.min(t.tw - tx);
-            for r in 0..A {
-                let s = &down[r * pw + M * tx..][..M * (LANES - 1) + A];
-                let d: [Lanes<T, LANES>; A] =
-                    std::array::from_fn(|c| Lanes(std::array::from_fn(|l| s[M * l + c])));
-                for (c, e) in F::input(d).iter().enumerate() {
-                    v[(r * A + c) * tc + col..][..n].copy_from_slice(&e.0[..n]);
-                }
+    }
+    for tx in (0..tw).step_by(LANES) {
+        let col = lr * tw + tx;
+        let n = LANES.min(tw - tx);
+        for r in 0..A {
+            let s = &down[r * pw + M * tx..][..M * (LANES - 1) + K];
+            let d: [Lanes<T, LANES>; K] =
+                std::array::from_fn(|c| Lanes(std::array::from_fn(|l| s[M * l + c])));
+            for (c, e) in f(d).iter().enumerate() {
+                dst[(r * A + c) * tc + col..][..n].copy_from_slice(&e.0[..n]);
             }
         }
     }
@@ -555,6 +570,20 @@ mod tests {
 
     /// Chunks of at least 5 tiles (several per image), kernels transformed one output
     /// channel at a time and again for every chunk.
+    /// `(batch, cin, cout, h, w)`: odd and even sides (half-filled last tiles), one-pixel
+    /// images, batch 3 (tile rows crossing images), channel counts and widths with whole
+    /// and partial groups of lanes.
+    pub(super) const SHAPES: [(usize, usize, usize, usize, usize); 8] = [
+        (1, 3, 5, 7, 6),
+        (3, 4, 2, 5, 9),
+        (2, 2, 3, 1, 1),
+        (1, 6, 4, 2, 3),
+        (2, 5, 3, 8, 8),
+        (1, 3, 2, 13, 10),
+        (2, 11, 9, 10, 37),
+        (1, 17, 16, 19, 70),
+    ];
+
     pub(super) const SMALL: Plan = Plan {
         chunk_bytes: 0,
         min_tiles: 5,
@@ -586,26 +615,12 @@ mod tests {
         Tensor::from_vec(y, (b, kern.cout, h, wd), &Device::Cpu).unwrap()
     }
 
-    /// The tiles against candle's direct convolution in f64 (to rounding): odd and even
-    /// sides (half-filled last tiles), one-pixel images, batch 3 (tile rows crossing
-    /// images), a bias; channel counts and widths with whole and partial groups of lanes;
-    /// with the kernel read transposed and flipped (the input gradient) against candle's
+    /// The tiles against candle's direct convolution in f64 (to rounding) on [`SHAPES`],
+    /// with a bias; with the kernel read transposed and flipped (the input gradient) against candle's
     /// transposed convolution; in one chunk and one kernel block, and in many of each.
     #[test]
     fn tiles_equal_the_direct_convolution() {
-        for (i, &(b, cin, cout, h, w)) in [
-            (1, 3, 5, 7, 6),
-            (3, 4, 2, 5, 9),
-            (2, 2, 3, 1, 1),
-            (1, 6, 4, 2, 3),
-            (2, 5, 3, 8, 8),
-            (1, 3, 2, 13, 10),
-            (2, 11, 9, 10, 37),
-            (1, 17, 16, 19, 70),
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (i, &(b, cin, cout, h, w)) in SHAPES.iter().enumerate() {
             let s = 10 * i as u64;
             let x = randn(&[b, cin, h, w], s + 1);
             let k = randn(&[cout, cin, 3, 3], s + 2);
