@@ -70,6 +70,24 @@ impl<'a, T> Kernel<'a, T> {
         }
     }
 
+    /// Where this view is [`Self::transposed_flipped`] of a contiguous kernel: that kernel.
+    pub(super) fn unflipped(&self) -> Option<Self> {
+        let plain = || Kernel::plain(self.data, self.cin, self.cout, self.k);
+        let t = plain().transposed_flipped();
+        let same =
+            (t.base, t.so, t.si, t.sy, t.sx) == (self.base, self.so, self.si, self.sy, self.sx);
+        same.then(plain)
+    }
+
+    /// Input channels `i0..i1` of this kernel.
+    pub(super) fn input_channels(self, (i0, i1): (usize, usize)) -> Self {
+        Self {
+            base: self.base + i0 as isize * self.si,
+            cin: i1 - i0,
+            ..self
+        }
+    }
+
     /// Offset of tap (ty, tx) at (o, i) = (0, 0); in bounds for every (o, i) (checked).
     pub(super) fn tap(&self, ty: usize, tx: usize) -> usize {
         let at = |o: usize, i: usize| {

@@ -103,6 +103,10 @@ trait Transforms<const M: usize, const A: usize> {
     fn output_adjoint<L: Num>(y: [L; M]) -> [L; A];
     /// The adjoint of [`Transforms::kernel`]: where a gradient of `U` lands on the taps.
     fn kernel_adjoint<L: Num>(u: [L; A]) -> [L; 3];
+    /// Where the points are closed under `a -> 1/a`, the kernel transform of the
+    /// reversed taps is that of the taps with positions permuted: `G rev(g) = P G g`,
+    /// `P` this permutation (`None` for other point sets).
+    const REVERSED: Option<[usize; A]>;
 }
 
 /// The arithmetic the transforms need: sums, differences and products with constants.
@@ -181,6 +185,8 @@ impl Transforms<2, 4> for F23 {
         let (s, d) = ((u1 + u2) * half, (u1 - u2) * half);
         [u0 + s, d, s + u3]
     }
+    // Points 0 and infinity trade places; 1 and -1 stay.
+    const REVERSED: Option<[usize; 4]> = Some([3, 1, 2, 0]);
 }
 
 /// F(4x4, 3x3): points 0, +/-1, +/-2 and infinity; 36 products per tile of 16 outputs
@@ -232,6 +238,8 @@ impl Transforms<4, 6> for F43 {
             sixth * (s34 - s12) + u5,
         ]
     }
+    // +/-2 would go to +/-1/2, not among the points.
+    const REVERSED: Option<[usize; 6]> = None;
 }
 
 /// `U = G g G^T` for output channels `o0..o1` and every input channel, laid out
@@ -486,8 +494,19 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
         .step_by(per_block)
         .map(|o| (o, (o + per_block).min(cout)))
         .collect();
+    // The input gradient's kernel (transposed, flipped) gathers its taps across whole
+    // kernel rows. Where the points allow, the contiguous kernel is transformed instead
+    // (block `o0..o1` of its input channels, laid out `[cin, A*A, o1 - o0]`) and each
+    // GEMM reads it transposed, at the reversed position.
+    let reversed = F::REVERSED.and_then(|p| Some((p, kern.unflipped()?)));
+    let transform = |(o0, o1)| match reversed {
+        Some((_, plain)) => {
+            kernel_transform::<T, M, A, F>(&plain.input_channels((o0, o1)), (0, cin))
+        }
+        None => kernel_transform::<T, M, A, F>(kern, (o0, o1)),
+    };
     // One block serves every chunk of tiles; several are transformed again per chunk.
-    let whole = (blocks.len() == 1).then(|| kernel_transform::<T, M, A, F>(kern, (0, cout)));
+    let whole = (blocks.len() == 1).then(|| transform((0, cout)));
     let per_tile = aa * (cin + per_block) * size;
     let rows_per_chunk = (plan.chunk_bytes / per_tile)
         .max(plan.min_tiles)
@@ -511,7 +530,7 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
             let u = match &whole {
                 Some(u) => u,
                 None => {
-                    block = kernel_transform::<T, M, A, F>(kern, (o0, o1));
+                    block = transform((o0, o1));
                     &block
                 }
             };
@@ -519,8 +538,15 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
             // M [A*A, nco, tc]: one GEMM per position of the transform.
             m.resize(aa * nco * tc, T::zero());
             let operands = |xi: usize| {
+                let kernel = match reversed {
+                    Some((p, _)) => {
+                        let xr = p[xi / A] * A + p[xi % A];
+                        Mat::new(&u[xr * nco..], 1, (aa * nco) as isize)
+                    }
+                    None => Mat::new(&u[xi * cin..], (aa * cin) as isize, 1),
+                };
                 (
-                    Mat::new(&u[xi * cin..], (aa * cin) as isize, 1),
+                    kernel,
                     Mat::new(&v[xi * tc..cin * aa * tc], (aa * tc) as isize, 1),
                 )
             };
