@@ -20,7 +20,9 @@
 //! Tiles are processed in chunks of whole tile rows, sized so the transformed input and
 //! output of a chunk stay a few tens of MB however large the image (the VAE at 512 px). The
 //! input gradient of such a convolution is the same convolution with the kernel transposed
-//! and flipped, so it takes this path too (the kernel is read through strides). The kernel
+//! and flipped, so it takes this path too (the kernel is read through strides; under
+//! F(2x2), whose points are closed under `a -> 1/a`, the stored kernel's transform is read
+//! transposed at swapped positions instead, see [`Transforms::REVERSED`]). The kernel
 //! gradient (a trained kernel) runs the transforms' adjoints ([`kernel_grad`]).
 
 use super::conv_cpu::{Kernel, Mat, matmul, matmul_one_thread};
