@@ -9,10 +9,10 @@
 //! 36 products per tile of 16 outputs for F(4x4, 3x3) where the 9 tap GEMMs of the direct
 //! kernel gradient have 144, and 16 for 4 outputs (36) for F(2x2, 3x3).
 
-use super::super::conv_cpu::{Mat, matmul, matmul_one_thread};
+use super::super::conv_cpu::Mat;
 use super::{
-    F23, F43, LANES, Lanes, PLAN, Plan, Tiles, Transforms, VARIANT, applies, input_transform,
-    strip_to_positions, takes_f43,
+    Cut, F23, F43, LANES, Lanes, PLAN, Plan, Tiles, Transforms, VARIANT, applies,
+    gemm_per_position, strip_to_positions, takes_f43, transform_chunk,
 };
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -54,42 +54,18 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
     (cin, cout): (usize, usize),
     plan: Plan,
 ) -> Vec<T> {
-    let t = Tiles {
-        b,
-        h,
-        w,
-        th: h.div_ceil(M),
-        tw: w.div_ceil(M),
-    };
+    let Cut { t, blocks, chunks } = plan.cut::<T, M, A>((b, h, w), (cin, cout));
     let aa = A * A;
-    let size = std::mem::size_of::<T>();
-    let per_block = (plan.kernel_bytes / (aa * cin * size)).clamp(1, cout);
-    let per_tile = aa * (cin + per_block) * size;
-    let rows_per_chunk = (plan.chunk_bytes / per_tile)
-        .max(plan.min_tiles)
-        .div_ceil(t.tw)
-        .max(1);
-    let chunks: Vec<(usize, usize)> = (0..t.rows())
-        .step_by(rows_per_chunk)
-        .map(|r0| (r0, (r0 + rows_per_chunk).min(t.rows())))
-        .collect();
     let mut dw = vec![T::zero(); cout * cin * 9];
     let (mut v, mut wt, mut m) = (Vec::new(), Vec::new(), Vec::new());
     let mut v_holds = None;
-    for o0 in (0..cout).step_by(per_block) {
-        let o1 = (o0 + per_block).min(cout);
+    for (o0, o1) in blocks {
         let nco = o1 - o0;
         m.resize(aa * nco * cin, T::zero());
         for (ck, &(r0, r1)) in chunks.iter().enumerate() {
             let tc = (r1 - r0) * t.tw;
             if v_holds != Some(ck) {
-                v.resize(cin * aa * tc, T::zero());
-                v[..cin * aa * tc]
-                    .par_chunks_mut(aa * tc)
-                    .enumerate()
-                    .for_each(|(ci, vc)| {
-                        input_transform::<T, M, A, F>(x, (cin, ci), t, (r0, r1), vc)
-                    });
+                transform_chunk::<T, M, A, F>(x, cin, t, (r0, r1), &mut v);
                 v_holds = Some(ck);
             }
             wt.resize(nco * aa * tc, T::zero());
@@ -106,21 +82,7 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
                     Mat::new(&v[xi * tc..cin * aa * tc], 1, (aa * tc) as isize),
                 )
             };
-            let (mnk, stride, add) = ((nco, cin, tc), (cin as isize, 1), ck > 0);
-            if aa >= 4 * rayon::current_num_threads() {
-                m[..aa * nco * cin]
-                    .par_chunks_mut(nco * cin)
-                    .enumerate()
-                    .for_each(|(xi, mx)| {
-                        let (a, b) = operands(xi);
-                        matmul_one_thread(mnk, mx, stride, add, a, b);
-                    });
-            } else {
-                for (xi, mx) in m[..aa * nco * cin].chunks_mut(nco * cin).enumerate() {
-                    let (a, b) = operands(xi);
-                    matmul(mnk, mx, stride, add, a, b);
-                }
-            }
+            gemm_per_position(&mut m, aa, (nco, cin, tc), ck > 0, operands);
         }
         let m = &m[..aa * nco * cin];
         dw[o0 * cin * 9..o1 * cin * 9]

@@ -323,6 +323,92 @@ impl Tiles {
     }
 }
 
+/// How a `plan` cuts one convolution (forward or kernel gradient alike): the tile grid,
+/// blocks of output channels (each block's transformed kernel or gradient sums within
+/// `plan.kernel_bytes`) and chunks of tile rows (transformed input and output of a chunk
+/// within `plan.chunk_bytes`, at least `plan.min_tiles`), both as ranges.
+struct Cut {
+    t: Tiles,
+    blocks: Vec<(usize, usize)>,
+    chunks: Vec<(usize, usize)>,
+}
+
+impl Plan {
+    fn cut<T, const M: usize, const A: usize>(
+        &self,
+        (b, h, w): (usize, usize, usize),
+        (cin, cout): (usize, usize),
+    ) -> Cut {
+        let t = Tiles {
+            b,
+            h,
+            w,
+            th: h.div_ceil(M),
+            tw: w.div_ceil(M),
+        };
+        let (aa, size) = (A * A, std::mem::size_of::<T>());
+        let per_block = (self.kernel_bytes / (aa * cin * size)).clamp(1, cout);
+        let per_tile = aa * (cin + per_block) * size;
+        let rows_per_chunk = (self.chunk_bytes / per_tile)
+            .max(self.min_tiles)
+            .div_ceil(t.tw)
+            .max(1);
+        let ranges = |n: usize, step: usize| -> Vec<(usize, usize)> {
+            (0..n)
+                .step_by(step)
+                .map(|a| (a, (a + step).min(n)))
+                .collect()
+        };
+        Cut {
+            t,
+            blocks: ranges(cout, per_block),
+            chunks: ranges(t.rows(), rows_per_chunk),
+        }
+    }
+}
+
+/// `V` of tile rows `r0..r1` for every input channel into `v` (`[Cin, A*A, tc]`, resized).
+fn transform_chunk<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
+    x: &[T],
+    cin: usize,
+    t: Tiles,
+    (r0, r1): (usize, usize),
+    v: &mut Vec<T>,
+) {
+    let len = cin * A * A * (r1 - r0) * t.tw;
+    v.resize(len, T::zero());
+    v[..len]
+        .par_chunks_mut(len / cin)
+        .enumerate()
+        .for_each(|(ci, vc)| input_transform::<T, M, A, F>(x, (cin, ci), t, (r0, r1), vc));
+}
+
+/// One GEMM per position of the transform: `dst` holds `A*A` results of `mnk.0 x mnk.1`
+/// (row-major), position `xi` is `operands(xi)`, added to what `dst` holds when `add`.
+/// With enough positions to share out whole (2-4 threads), each GEMM runs on one thread
+/// with no handover inside; otherwise one after another on all threads.
+fn gemm_per_position<'a, T: WithDType>(
+    dst: &mut [T],
+    aa: usize,
+    mnk: (usize, usize, usize),
+    add: bool,
+    operands: impl Fn(usize) -> (Mat<'a, T>, Mat<'a, T>) + Sync,
+) {
+    let (per, stride) = (mnk.0 * mnk.1, (mnk.1 as isize, 1));
+    let dst = &mut dst[..aa * per];
+    if aa >= 4 * rayon::current_num_threads() {
+        dst.par_chunks_mut(per).enumerate().for_each(|(xi, d)| {
+            let (a, b) = operands(xi);
+            matmul_one_thread(mnk, d, stride, add, a, b);
+        });
+    } else {
+        for (xi, d) in dst.chunks_mut(per).enumerate() {
+            let (a, b) = operands(xi);
+            matmul(mnk, d, stride, add, a, b);
+        }
+    }
+}
+
 /// `V = B^T d B` for the tiles of global tile rows `r0..r1` of channel `ci`'s planes,
 /// written to `v [A*A, tc]` (position-major). Per tile row, the `A` image rows it reads
 /// are copied into a zero-padded strip; `B^T` runs down the strip's columns, eight
@@ -481,21 +567,8 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
     plan: Plan,
 ) -> Vec<T> {
     let (cin, cout) = (kern.cin, kern.cout);
-    let t = Tiles {
-        b,
-        h,
-        w,
-        th: h.div_ceil(M),
-        tw: w.div_ceil(M),
-    };
+    let Cut { t, blocks, chunks } = plan.cut::<T, M, A>((b, h, w), (cin, cout));
     let aa = A * A;
-    let size = std::mem::size_of::<T>();
-    // Output channels per block of transformed kernel.
-    let per_block = (plan.kernel_bytes / (aa * cin * size)).clamp(1, cout);
-    let blocks: Vec<(usize, usize)> = (0..cout)
-        .step_by(per_block)
-        .map(|o| (o, (o + per_block).min(cout)))
-        .collect();
     // The input gradient's kernel (transposed, flipped) gathers its taps across whole
     // kernel rows. Where the points allow, the contiguous kernel is transformed instead
     // (block `o0..o1` of its input channels, laid out `[cin, A*A, o1 - o0]`) and each
@@ -509,23 +582,12 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
     };
     // One block serves every chunk of tiles; several are transformed again per chunk.
     let whole = (blocks.len() == 1).then(|| transform((0, cout)));
-    let per_tile = aa * (cin + per_block) * size;
-    let rows_per_chunk = (plan.chunk_bytes / per_tile)
-        .max(plan.min_tiles)
-        .div_ceil(t.tw)
-        .max(1);
     let mut out = vec![T::zero(); b * cout * h * w];
     let mut v = Vec::new();
     let mut m = Vec::new();
-    let mut r0 = 0;
-    while r0 < t.rows() {
-        let r1 = (r0 + rows_per_chunk).min(t.rows());
+    for (r0, r1) in chunks {
         let tc = (r1 - r0) * t.tw;
-        v.resize(cin * aa * tc, T::zero());
-        v[..cin * aa * tc]
-            .par_chunks_mut(aa * tc)
-            .enumerate()
-            .for_each(|(ci, vc)| input_transform::<T, M, A, F>(x, (cin, ci), t, (r0, r1), vc));
+        transform_chunk::<T, M, A, F>(x, cin, t, (r0, r1), &mut v);
         let (b0, b1) = (r0 / t.th, (r1 - 1) / t.th);
         for &(o0, o1) in &blocks {
             let block;
@@ -552,21 +614,7 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
                     Mat::new(&v[xi * tc..cin * aa * tc], (aa * tc) as isize, 1),
                 )
             };
-            if aa >= 4 * rayon::current_num_threads() {
-                // Enough GEMMs to share out whole: each on one thread, no handover inside.
-                m[..aa * nco * tc]
-                    .par_chunks_mut(nco * tc)
-                    .enumerate()
-                    .for_each(|(xi, mx)| {
-                        let (a, b) = operands(xi);
-                        matmul_one_thread((nco, tc, cin), mx, (tc as isize, 1), false, a, b);
-                    });
-            } else {
-                for (xi, mx) in m[..aa * nco * tc].chunks_mut(nco * tc).enumerate() {
-                    let (a, b) = operands(xi);
-                    matmul((nco, tc, cin), mx, (tc as isize, 1), false, a, b);
-                }
-            }
+            gemm_per_position(&mut m, aa, (nco, tc, cin), false, operands);
             out.par_chunks_mut(h * w)
                 .enumerate()
                 .filter(|(bc, _)| {
@@ -584,7 +632,6 @@ fn tiled<T: WithDType, const M: usize, const A: usize, F: Transforms<M, A>>(
                     );
                 });
         }
-        r0 = r1;
     }
     out
 }
